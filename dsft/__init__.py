@@ -1,0 +1,3 @@
+"""dsft: fine-tune DeepSeek models from one YAML file."""
+
+__version__ = "0.1.0"

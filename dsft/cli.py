@@ -1,0 +1,122 @@
+"""The dsft command line: verbs only, each calls one function. Heavy imports happen inside verbs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="dsft",
+    help="Fine-tune DeepSeek models (and any Hugging Face causal LM) from one YAML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or check run configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+SetOption = Annotated[
+    list[str], typer.Option("--set", help="Override a config key: --set train.learning_rate=1e-4 (repeatable).")
+]
+MaxNewTokens = Annotated[int, typer.Option(help="Longest reply in tokens.")]
+Sample = Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (with --sample).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")]
+TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 turns it off (with --sample).")]
+Seed = Annotated[int, typer.Option(help="Random seed for sampling.")]
+System = Annotated[str | None, typer.Option(help="System prompt.")]
+
+
+def _decode(max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int):
+    from dsft.serve.generate import DecodeSettings
+
+    return DecodeSettings(max_new_tokens, sample, temperature, top_p, top_k)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    set_: SetOption = [],
+    resume: Annotated[bool, typer.Option(help="Continue the run in output.dir from its newest checkpoint.")] = False,
+) -> None:
+    """Fine-tune a model as CONFIG says and write the run directory."""
+    from dsft.config import load_config
+    from dsft.train.sft import run_sft
+
+    run_sft(load_config(config, set_), resume=resume)
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],
+    prompt: Annotated[str, typer.Option(help="The user message.")],
+    system: System = None,
+    max_new_tokens: MaxNewTokens = 256,
+    sample: Sample = False,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 0,
+    seed: Seed = 0,
+) -> None:
+    """Answer one prompt with a run's model, rendered exactly as in training."""
+    from dsft.serve.chat import generate_once
+
+    generate_once(run, prompt, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
+
+
+@app.command()
+def chat(
+    run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],
+    system: System = None,
+    max_new_tokens: MaxNewTokens = 256,
+    sample: Sample = False,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.95,
+    top_k: TopK = 0,
+    seed: Seed = 0,
+) -> None:
+    """Talk with a run's model; replies stream as they are generated (/reset, /exit)."""
+    from dsft.serve.chat import chat_loop
+
+    chat_loop(run, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    set_: SetOption = [],
+) -> None:
+    """Print the resolved config with every default filled in."""
+    from dsft.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config, set_)), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(configs: Annotated[list[Path], typer.Argument(help="Run config YAML files.")]) -> None:
+    """Check configs; prints each problem and exits 2 if any config is invalid."""
+    from dsft.config import validate_files
+
+    if not validate_files(configs):
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    """Console entry point: user mistakes print as one clear message, never a traceback."""
+    from dsft.errors import DsftError
+
+    try:
+        app()
+    except DsftError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

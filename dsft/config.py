@@ -1,0 +1,334 @@
+"""The typed run config: one YAML file with sections model, data, method, train, eval, output.
+
+Every field has a docstring (shown by `dsft config show --docs`); unknown keys are errors.
+`load_config` reads the YAML, applies `--set key.path=value` overrides and validates; every
+problem becomes a `DsftError` naming the key path, the YAML line and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dsft.errors import DsftError
+
+PRESETS = ("tiny-deepseek-v3", "tiny-qwen2", "tiny-llama")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = None
+    """Hugging Face hub id or local directory of a causal LM in HF format; exclusive with preset."""
+    preset: Literal["tiny-deepseek-v3", "tiny-qwen2", "tiny-llama"] | None = None
+    """A tiny random-init model built from config, no download: for tests and the quickstart."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; default: the model's own (a preset trains one on the data)."""
+    tokenizer_vocab_size: int = Field(1024, ge=300, le=200_000)
+    """Vocabulary size (tokens) of the byte-level BPE tokenizer trained for a preset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of name_or_path."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto: bfloat16 where CUDA supports it, else float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository; off unless you trust its author."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel; default: transformers' choice (sdpa where supported)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.preset")
+        return self
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(min_length=1)
+    """Training data: jsonl, json, csv or parquet files, or a `datasets` save_to_disk directory."""
+    validation_files: list[str] = []
+    """Validation data in the same forms; exclusive with validation_ratio."""
+    validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training records held out for validation (seeded by train.seed)."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    """Record format; auto detects it per file from the first record's keys."""
+    chat_template: Literal["auto", "tokenizer", "deepseek_v3", "deepseek_r1"] = "auto"
+    """Prompt rendering; auto: the tokenizer's own template, built-in deepseek_v3 when it has none."""
+    system_prompt: str | None = None
+    """System message added to conversations that have none."""
+    loss_on: Literal["assistant", "final_assistant", "all"] = "assistant"
+    """Tokens that carry loss: every assistant turn, only the last one, or the whole sequence."""
+    max_length_tokens: int = Field(2048, ge=8)
+    """Longest training sequence in tokens; see truncation for longer ones."""
+    truncation: Literal["right", "drop"] = "right"
+    """Over-long sequences: right keeps the first max_length_tokens, drop skips the record (counted)."""
+    on_error: Literal["error", "skip"] = "error"
+    """Bad records: error stops with file:line and field; skip drops them and counts them in the log."""
+    max_samples: int | None = Field(None, ge=1)
+    """Use at most this many training records (first ones), for quick trials."""
+
+    _as_lists = field_validator("train_files", "validation_files", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation_files and self.validation_ratio > 0:
+            raise ValueError("set data.validation_files or data.validation_ratio, not both")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj,
+    up_proj, down_proj) or all-linear."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved beside the adapter (e.g. lm_head, embed_tokens)."""
+
+
+class FreezeConfig(_Section):
+    trainable_layers: int = Field(2, ge=0)
+    """Number of top decoder layers to train; the rest stay frozen."""
+    train_embeddings: bool = False
+    """Also train the input embeddings."""
+
+
+class MethodConfig(_Section):
+    type: Literal["full", "lora", "freeze"] = "lora"
+    """full: every weight; lora: PEFT LoRA adapter; freeze: only the top layers and the head."""
+    lora: LoraConfig = LoraConfig()
+    """Settings for type lora."""
+    freeze: FreezeConfig = FreezeConfig()
+    """Settings for type freeze."""
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> "MethodConfig":
+        defaults = {"lora": LoraConfig(), "freeze": FreezeConfig()}
+        for other, default in defaults.items():
+            if getattr(self, other) != default and self.type != other:
+                raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
+        return self
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Total optimizer steps; overrides epochs."""
+    batch_size: int = Field(4, ge=1)
+    """Sequences per device per forward pass."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Forward passes accumulated into one optimizer step."""
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup; exclusive with lr_warmup_ratio."""
+    lr_warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of all steps used for warmup."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Gradient clipping by global L2 norm; 0 turns clipping off."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision; auto: bf16 on CUDA that supports it, else none."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seed of weights init, data order, dropout and the validation split."""
+    logging_steps: int = Field(10, ge=1)
+    """Optimizer steps between log lines (metrics.jsonl, TensorBoard, progress)."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Optimizer steps between validation passes; default: once at the end."""
+    save_steps: int | None = Field(None, ge=1)
+    """Optimizer steps between checkpoints (for --resume); default: no intermediate checkpoints."""
+    keep_last_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a better validation loss (needs eval_steps)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run directory."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise ValueError("set train.lr_warmup_steps or train.lr_warmup_ratio, not both")
+        if self.early_stopping_patience is not None:
+            if self.eval_steps is None:
+                raise ValueError("train.early_stopping_patience needs train.eval_steps")
+            if self.save_steps is not None and self.save_steps % self.eval_steps:
+                raise ValueError("with early stopping, train.save_steps must be a multiple of train.eval_steps")
+        return self
+
+
+class EvalConfig(_Section):
+    generate_files: list[str] = []
+    """Held-out prompts with reference answers (any data format); scored by exact match of greedy output."""
+    before_training: bool = True
+    """Also score the model before training, to show what fine-tuning changed."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest generated answer in tokens."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generation batch."""
+    max_samples: int | None = Field(None, ge=1)
+    """Score at most this many prompts."""
+
+    _as_lists = field_validator("generate_files", mode="before")(_as_list)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/dsft-run"
+    """Run directory: model or adapter, tokenizer, config.yaml, metrics.jsonl, summary.json, checkpoints/."""
+    overwrite: bool = False
+    """Replace an existing run directory instead of stopping with an error."""
+
+
+class RunConfig(_Section):
+    stage: Literal["sft"] = "sft"
+    """Training stage: sft (supervised fine-tuning)."""
+    model: ModelConfig
+    """The model to fine-tune."""
+    data: DataConfig
+    """Training and validation data."""
+    method: MethodConfig = MethodConfig()
+    """Which weights train: full, lora or freeze."""
+    train: TrainConfig = TrainConfig()
+    """Optimizer, schedule, precision, logging and checkpoints."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation around training."""
+    output: OutputConfig = OutputConfig()
+    """Where the run is written."""
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config; raises DsftError naming the key and the file line."""
+    path = Path(path)
+    text = _read_text(path)
+    raw = _parse_yaml(text, path)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path), yaml_text=text)
+
+
+def validate_config(raw: dict, source: str = "config", yaml_text: str | None = None) -> RunConfig:
+    """Validate a config mapping; raises DsftError listing every problem."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err, yaml_text) for err in exc.errors()]
+        raise DsftError(f"invalid config {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML (1e-4, true, [a, b])."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise DsftError(f"--set {override!r}: expected key.path=value, e.g. train.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise DsftError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value_text
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, every default filled in (what `dsft config show` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DsftError(f"config file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def _parse_yaml(text: str, path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DsftError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DsftError(f"{path}: the config must be a mapping with sections model, data, method, train, eval, output")
+    return raw
+
+
+def _describe(err: dict, yaml_text: str | None) -> str:
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    line = _yaml_line(yaml_text, loc)
+    where = f"{key} (line {line})" if line else key
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
+        return f"{where}: unknown key; allowed here: {allowed}"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _allowed_keys(parent_loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in parent_loc:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _yaml_line(yaml_text: str | None, loc: list[str]) -> int | None:
+    """1-based line of the deepest key of loc that exists in the YAML text, if any."""
+    if not yaml_text:
+        return None
+    try:
+        node = yaml.compose(yaml_text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def validate_files(paths) -> bool:
+    """Validate each config file, printing ok or its problems; True when all are valid."""
+    all_valid = True
+    for path in paths:
+        try:
+            load_config(path)
+            print(f"ok       {path}")
+        except DsftError as exc:
+            all_valid = False
+            print(f"invalid  {exc}")
+    return all_valid

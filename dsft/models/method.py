@@ -1,0 +1,84 @@
+"""Which weights train: full fine-tuning, a PEFT LoRA adapter, or the top layers only (freeze)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsft.config import MethodConfig
+from dsft.errors import DsftError
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    trainable: int
+    total: int
+
+    def line(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.2f}%)"
+
+
+def count_parameters(model) -> ParamCounts:
+    params = list(model.parameters())
+    return ParamCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def apply_method(model, method: MethodConfig):
+    """Prepare model for method.type; returns the model to train (a PeftModel for lora)."""
+    if method.type == "lora":
+        return _apply_lora(model, method)
+    if method.type == "freeze":
+        _apply_freeze(model, method.freeze.trainable_layers, method.freeze.train_embeddings)
+    return model
+
+
+def _apply_lora(model, method: MethodConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = method.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        names = sorted(linear_module_names(model))
+        raise DsftError(
+            f"method.lora.target_modules: {str(exc).splitlines()[0]}; linear modules of this model: {', '.join(names)}"
+        ) from None
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names of the model's linear layers (what LoRA target_modules may name)."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def decoder_layers(model):
+    """The stack of decoder layers (DeepSeek, Qwen2, Llama and most HF causal LMs)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise DsftError(f"method.type freeze: cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def _apply_freeze(model, trainable_layers: int, train_embeddings: bool) -> None:
+    layers = decoder_layers(model)
+    if trainable_layers > len(layers):
+        raise DsftError(f"method.freeze.trainable_layers: {trainable_layers} but the model has {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers :]:
+        layer.requires_grad_(True)
+    # The head and the final norm sit above the top layer, so they train with it.
+    model.get_output_embeddings().requires_grad_(True)
+    final_norm = getattr(model.get_decoder(), "norm", None)
+    if final_norm is not None:
+        final_norm.requires_grad_(True)
+    if train_embeddings:
+        model.get_input_embeddings().requires_grad_(True)

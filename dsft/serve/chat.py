@@ -1,0 +1,71 @@
+"""`dsft generate` and `dsft chat`: a run's model answering prompts rendered as in training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from dsft.data.formats import Message
+from dsft.models.load import load_run
+from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning, stream_reply
+
+
+def _start(run_dir: Path, seed: int):
+    from transformers import set_seed
+
+    model, tokenizer, config = load_run(run_dir)
+    set_seed(seed)
+    return model, tokenizer, config.data.chat_template
+
+
+def _opening(system: str | None) -> list[Message]:
+    return [Message("system", system)] if system else []
+
+
+def generate_once(run_dir: Path, prompt: str, system: str | None, settings: DecodeSettings, seed: int) -> str:
+    """Print and return the reply to one prompt."""
+    model, tokenizer, template = _start(run_dir, seed)
+    messages = [*_opening(system), Message("user", prompt)]
+    reply = generate_batch(model, tokenizer, [prompt_ids(messages, template, tokenizer)], settings)[0]
+    print(reply)
+    return reply
+
+
+def chat_loop(
+    run_dir: Path,
+    system: str | None,
+    settings: DecodeSettings,
+    seed: int,
+    read_line: Callable[[], str] | None = None,
+    console: Console | None = None,
+) -> list[Message]:
+    """Interactive chat; returns the conversation. /reset clears the history, /exit (or EOF) ends."""
+    console = console or Console()
+    read_line = read_line or (lambda: console.input("[bold]you>[/bold] "))
+    model, tokenizer, template = _start(run_dir, seed)
+    history = _opening(system)
+    console.print(f"[dim]chatting with {run_dir} (/reset clears the history, /exit quits)[/dim]")
+    while True:
+        try:
+            line = read_line().strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = _opening(system)
+            continue
+        if not line:
+            continue
+        history.append(Message("user", line))
+        pieces = []
+        for piece in stream_reply(model, tokenizer, prompt_ids(history, template, tokenizer), settings):
+            pieces.append(piece)
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        reasoning, answer = split_reasoning("".join(pieces))
+        # Earlier turns' reasoning is stripped by the template, as in training; keep it for the record.
+        history.append(Message("assistant", answer, reasoning))
+    return history

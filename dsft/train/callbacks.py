@@ -1,0 +1,96 @@
+"""Trainer callbacks every stage shares: metrics.jsonl, tokens/s, and a rich progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log record (loss, lr, grad norm, eval loss, tokens/s) to metrics.jsonl.
+
+    tokens_per_second counts real (non-padding) input tokens between two log records.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+        self._last_time_s: float | None = None
+        self._last_tokens = 0
+        self.last_tokens_per_second: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time_s, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **(logs or {})}
+        if "loss" in record and self._last_time_s is not None:
+            now_s, tokens = time.perf_counter(), state.num_input_tokens_seen
+            elapsed_s = now_s - self._last_time_s
+            if elapsed_s > 0 and tokens > self._last_tokens:
+                self.last_tokens_per_second = (tokens - self._last_tokens) / elapsed_s
+                record["tokens_per_second"] = round(self.last_tokens_per_second, 1)
+            self._last_time_s, self._last_tokens = now_s, tokens
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records logged after last_step: a resumed run logs those steps again."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+class RichProgressCallback(TrainerCallback):
+    """A progress bar with loss, learning rate and tokens/s; eval results are printed as lines."""
+
+    def __init__(self, console, metrics: MetricsCallback):
+        self.console = console
+        self.metrics = metrics
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.progress is None:
+            return
+        if "loss" in logs:
+            status = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0.0):.2e}"
+            if self.metrics.last_tokens_per_second is not None:
+                status += f"  {self.metrics.last_tokens_per_second:,.0f} tok/s"
+            self.progress.update(self.task, status=status)
+        if "eval_loss" in logs:
+            self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,66 @@
+"""The run directory every stage writes: layout, resolved config, checkpoints and summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from dsft.config import OutputConfig, RunConfig, dump_config
+from dsft.errors import DsftError
+
+CHECKPOINTS_DIR = "checkpoints"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+def prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
+    """Create (or, for --resume, check) the run directory; never silently overwrites a run."""
+    run_dir = Path(output.dir)
+    if resume:
+        if last_checkpoint(run_dir) is None:
+            raise DsftError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; set train.save_steps to write them")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not output.overwrite:
+            raise DsftError(
+                f"output.dir {run_dir} already holds a run; continue it with --resume, "
+                "replace it with output.overwrite: true, or choose another output.dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step, if any."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[-1]), p) for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"])
+
+
+def save_config(config: RunConfig, run_dir: Path) -> None:
+    (run_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def peak_memory_bytes() -> dict:
+    """Peak memory of this process: CUDA allocator peak when on GPU, resident set size always."""
+    import resource
+
+    import torch
+
+    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return peak

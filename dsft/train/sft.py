@@ -1,0 +1,232 @@
+"""Supervised fine-tuning, top to bottom: config -> tokenizer -> data -> model -> trainer -> run directory.
+
+The loop is transformers' Trainer; dsft supplies the rendered data (assistant-only labels),
+the method (full, LoRA, freeze), callbacks for metrics.jsonl, TensorBoard and progress, and
+the run directory that loads with plain transformers / peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dsft.config import EvalConfig, RunConfig, TrainConfig
+from dsft.data.chat import resolve_template
+from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
+from dsft.errors import DsftError
+from dsft.eval.exact_match import ExactMatchResult, score_exact_match
+from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
+from dsft.models.method import apply_method, count_parameters
+from dsft.serve.generate import DecodeSettings
+from dsft.train import run_dir as rd
+from dsft.train.callbacks import MetricsCallback, RichProgressCallback, truncate_metrics
+
+
+def run_sft(config: RunConfig, resume: bool = False, console: Console | None = None) -> dict:
+    """Fine-tune as the config says and write the run directory; returns the summary."""
+    import torch
+    from transformers import set_seed
+
+    console = console or Console()
+    started_s = time.perf_counter()
+    run_dir = rd.prepare_run_dir(config.output, resume)
+    console.print(f"run directory: {run_dir}")
+
+    # Setup: tokenizer (trained on the data for a preset), then data rendered with the template
+    # that generation will use too; the resolved template is saved so `dsft generate` agrees.
+    set_seed(config.train.seed)
+    tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
+    template = resolve_template(config.data.chat_template, tokenizer)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
+    rd.save_config(config, run_dir)
+    train_rows, validation_rows, stats = build_sft_datasets(config.data, tokenizer, config.train.seed)
+    for line in stats.lines():
+        console.print(f"data: {line}")
+    eval_examples = _generation_examples(config, console)
+
+    # Model and method.
+    model = build_model(config.model, tokenizer, config.train.seed)
+    if config.model.preset is not None and config.method.type == "lora":
+        # A preset exists nowhere else: keep its base weights so the adapter can be loaded.
+        model.save_pretrained(run_dir / BASE_MODEL_DIR)
+    model = apply_method(model, config.method)
+    counts = count_parameters(model)
+    console.print(f"method {config.method.type}: {counts.line()}")
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+
+    before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
+
+    # Train.
+    trainer, metrics = _build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console)
+    checkpoint = rd.last_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint}")
+        truncate_metrics(run_dir, rd.checkpoint_step(checkpoint))
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if validation_rows else None
+
+    # Save: adapter or full model, tokenizer, then the numbers.
+    _save_model(trainer, tokenizer, run_dir, config)
+    after = _score(model, tokenizer, eval_examples, template, config.eval, console, "after training")
+    summary = _summary(config, train_output, eval_loss, stats, counts, before, after, started_s, trainer)
+    rd.write_summary(run_dir, summary)
+    _print_summary(console, summary, run_dir)
+    return summary
+
+
+def _training_texts(config: RunConfig):
+    """Every string of the training data, for training a preset's tokenizer."""
+    data = config.data
+    for example in load_examples(data.train_files, data.format, data.on_error, DataStats(), data.system_prompt, data.max_samples):
+        if example.text is not None:
+            yield example.text
+        for message in example.messages:
+            yield message.content
+            if message.reasoning:
+                yield message.reasoning
+
+
+def _generation_examples(config: RunConfig, console: Console) -> list:
+    if not config.eval.generate_files:
+        return []
+    stats = DataStats()
+    examples = load_examples(config.eval.generate_files, config.data.format, config.data.on_error, stats, config.data.system_prompt)
+    if stats.skipped_bad:
+        console.print(f"eval data: skipped {stats.skipped_bad} bad records")
+    return examples[: config.eval.max_samples] if config.eval.max_samples else examples
+
+
+def _score(model, tokenizer, examples, template, eval_config: EvalConfig, console, when: str) -> ExactMatchResult | None:
+    if not examples or (when == "before training" and not eval_config.before_training):
+        return None
+    settings = DecodeSettings(max_new_tokens=eval_config.max_new_tokens)
+    result = score_exact_match(model, tokenizer, examples, template, settings, eval_config.batch_size)
+    console.print(f"exact match {when}: {result.accuracy:.3f} on {result.count} held-out prompts")
+    return result
+
+
+def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    precision = train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    evaluate = has_validation and train.eval_steps is not None
+    return TrainingArguments(
+        output_dir=str(run_dir / rd.CHECKPOINTS_DIR),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum_steps,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.lr_warmup_steps or train.lr_warmup_ratio,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        max_grad_norm=train.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.keep_last_checkpoints,
+        load_best_model_at_end=train.early_stopping_patience is not None and evaluate,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+
+    train = config.train
+    if train.early_stopping_patience is not None and not validation_rows:
+        raise DsftError("train.early_stopping_patience needs validation data (data.validation_files or data.validation_ratio)")
+    metrics = MetricsCallback(run_dir)
+    callbacks = [metrics, RichProgressCallback(console, metrics)]
+    if train.tensorboard:
+        callbacks.append(_tensorboard_callback(run_dir))
+    if train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(train, run_dir, bool(validation_rows)),
+        train_dataset=train_rows,
+        eval_dataset=validation_rows or None,
+        # Pads labels with -100 so padding never carries loss.
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, metrics
+
+
+def _tensorboard_callback(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+
+
+def _save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
+    model = trainer.model
+    if config.method.type == "lora" and config.model.preset is not None:
+        # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
+        model.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
+    model.save_pretrained(run_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir)
+
+
+def _summary(config, train_output, eval_loss, stats: DataStats, counts, before, after, started_s, trainer) -> dict:
+    history = [r for r in trainer.state.log_history if "loss" in r]
+    runtime_s = train_output.metrics.get("train_runtime", 0.0)
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        "stage": config.stage,
+        "method": config.method.type,
+        "steps": trainer.state.global_step,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "mean_train_loss": train_output.training_loss,
+        "final_eval_loss": eval_loss,
+        "tokens_seen": tokens,
+        "tokens_per_second": round(tokens / runtime_s, 1) if runtime_s else None,
+        "train_runtime_s": round(runtime_s, 2),
+        "wall_time_s": round(time.perf_counter() - started_s, 2),
+        "peak_memory": rd.peak_memory_bytes(),
+        "trainable_parameters": counts.trainable,
+        "total_parameters": counts.total,
+        "data": dataclasses.asdict(stats),
+        "exact_match_before": before.accuracy if before else None,
+        "exact_match_after": after.accuracy if after else None,
+        "exact_match_samples": after.samples if after else [],
+    }
+
+
+def _print_summary(console: Console, summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"dsft run {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("steps", "final_train_loss", "final_eval_loss", "tokens_per_second", "wall_time_s",
+                "exact_match_before", "exact_match_after"):
+        value = summary[key]
+        if value is not None:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
