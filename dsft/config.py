@@ -89,8 +89,8 @@ class LoraConfig(_Section):
     """LoRA rank."""
     alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input; must be 0 when LoRA reaches fused MoE expert weights (DeepSeek MoE)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj,
     up_proj, down_proj) or all-linear."""

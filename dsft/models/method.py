@@ -44,13 +44,15 @@ def _apply_lora(model, method: MethodConfig):
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+    names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
         return get_peft_model(model, peft_config)
     except ValueError as exc:
-        names = sorted(linear_module_names(model))
-        raise DsftError(
-            f"method.lora.target_modules: {str(exc).splitlines()[0]}; linear modules of this model: {', '.join(names)}"
-        ) from None
+        reason = str(exc).splitlines()[0]
+        if "lora_dropout" in reason:
+            # PEFT adapts fused expert tensors as parameters, where dropout on the input cannot be applied.
+            raise DsftError(f"method.lora.dropout: must be 0 for this model, whose MoE experts LoRA adapts as fused weights ({reason})") from None
+        raise DsftError(f"method.lora.target_modules: {reason}; linear modules of this model: {', '.join(names)}") from None
 
 
 def linear_module_names(model) -> set[str]:

@@ -17,6 +17,7 @@ from rich.table import Table
 from dsft.config import EvalConfig, RunConfig, TrainConfig
 from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
+from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.errors import DsftError
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
@@ -26,12 +27,22 @@ from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback, truncate_metrics
 
 
-def run_sft(config: RunConfig, resume: bool = False, console: Console | None = None) -> dict:
-    """Fine-tune as the config says and write the run directory; returns the summary."""
-    import torch
+@dataclasses.dataclass
+class SftResult:
+    run_dir: Path
+    summary: dict
+    model: object
+    """The trained model in memory (a PeftModel for LoRA)."""
+    tokenizer: object
+
+
+def run_sft(config: RunConfig, resume: bool = False, console: Console | None = None) -> SftResult:
+    """Fine-tune as the config says and write the run directory."""
     from transformers import set_seed
+    from transformers.utils import logging as hf_logging
 
     console = console or Console()
+    hf_logging.disable_progress_bar()  # dsft draws its own progress; shard-writing bars are noise
     started_s = time.perf_counter()
     run_dir = rd.prepare_run_dir(config.output, resume)
     console.print(f"run directory: {run_dir}")
@@ -77,7 +88,7 @@ def run_sft(config: RunConfig, resume: bool = False, console: Console | None = N
     summary = _summary(config, train_output, eval_loss, stats, counts, before, after, started_s, trainer)
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
-    return summary
+    return SftResult(run_dir, summary, trainer.model, tokenizer)
 
 
 def _training_texts(config: RunConfig):
@@ -155,7 +166,7 @@ def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool)
 
 
 def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback, Trainer
 
     train = config.train
     if train.early_stopping_patience is not None and not validation_rows:
@@ -176,6 +187,8 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # The rich progress bar replaces transformers' printing of raw log dicts.
+    trainer.remove_callback(PrinterCallback)
     return trainer, metrics
 
 
@@ -192,6 +205,9 @@ def _save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
         # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
         model.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
     model.save_pretrained(run_dir, safe_serialization=True)
+    if config.data.chat_template in JINJA_TEMPLATES:
+        # So plain transformers' apply_chat_template renders the prompts this run trained on.
+        tokenizer.chat_template = JINJA_TEMPLATES[config.data.chat_template]
     tokenizer.save_pretrained(run_dir)
 
 
@@ -220,6 +236,12 @@ def _summary(config, train_output, eval_loss, stats: DataStats, counts, before, 
     }
 
 
+def _format_number(value) -> str:
+    if isinstance(value, float) and abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def _print_summary(console: Console, summary: dict, run_dir: Path) -> None:
     table = Table(title=f"dsft run {run_dir}")
     table.add_column("metric")
@@ -228,5 +250,5 @@ def _print_summary(console: Console, summary: dict, run_dir: Path) -> None:
                 "exact_match_before", "exact_match_after"):
         value = summary[key]
         if value is not None:
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(key, _format_number(value))
     console.print(table)

@@ -1,0 +1,1 @@
+"""Loading, presets, tokenizers and training methods."""

@@ -1,0 +1,1 @@
+"""Using a run: generation, chat and (later) the HTTP server."""

@@ -1,0 +1,1 @@
+"""Training stages and the pieces they share (callbacks, run directory)."""

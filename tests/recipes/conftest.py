@@ -1,0 +1,46 @@
+"""Shared pieces of the end-to-end recipes: tiny data and configs in a temporary directory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+QUICKSTART = Path(__file__).parents[2] / "examples" / "data" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """64 training and 8 held-out records of the quickstart task, as alpaca jsonl files."""
+    root = tmp_path_factory.mktemp("data")
+    files = {}
+    for name, count in (("train", 64), ("test", 8)):
+        lines = (QUICKSTART / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files
+
+
+def make_config(tmp_path: Path, tiny_data: dict, **sections) -> Path:
+    """A small LoRA run config (sections merged in), written to tmp_path/run.yaml."""
+    config = {
+        "model": {"preset": "tiny-deepseek-v3"},
+        "data": {"train_files": [str(tiny_data["train"])], "max_length_tokens": 64},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 64}},
+        "train": {"learning_rate": 3e-3, "max_steps": 12, "batch_size": 8, "logging_steps": 1, "seed": 0, "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for section, values in sections.items():
+        # A method section replaces the default LoRA one: settings of another method are an error.
+        config[section] = values if section == "method" else {**config.get(section, {}), **values}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
