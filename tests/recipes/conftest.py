@@ -31,8 +31,8 @@ def make_config(tmp_path: Path, tiny_data: dict, **sections) -> Path:
         "output": {"dir": str(tmp_path / "run")},
     }
     for section, values in sections.items():
-        # A method section replaces the default LoRA one: settings of another method are an error.
-        config[section] = values if section == "method" else {**config.get(section, {}), **values}
+        # model and method replace the defaults: their alternatives (preset or path, lora or full) exclude each other.
+        config[section] = values if section in ("model", "method") else {**config.get(section, {}), **values}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     return path

@@ -178,3 +178,77 @@ def test_cli_help_imports_no_torch():
     code = "import sys, dsft.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_local_model_directory_trains_like_a_hub_model(tmp_path, tiny_data, lora_run):
+    """model.name_or_path pointing at a local HF directory (what a downloaded hub model is)."""
+    local = tmp_path / "local-model"
+    model, tokenizer, _ = load_run(lora_run.run_dir)
+    model.merge_and_unload().save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    config_path = make_config(tmp_path, tiny_data, model={"name_or_path": str(local)}, train={"max_steps": 2})
+    config = load_config(config_path)
+    assert config.model.preset is None
+    result = run_sft(config)
+    adapter = json.loads((result.run_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(local)
+    assert not (result.run_dir / "base_model").exists()
+    # The tokenizer came with the model, so its saved template (the deepseek_v3 twin) is used as is.
+    assert load_config(result.run_dir / "config.yaml").data.chat_template == "tokenizer"
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, tiny_data):
+    config_path = make_config(tmp_path, tiny_data, model={"name_or_path": str(tmp_path / "nowhere")})
+    process = dsft_process("train", config_path)
+    assert process.returncode == 2
+    assert "model.name_or_path: cannot load" in process.stderr and "Traceback" not in process.stderr
+
+
+def test_validation_eval_early_stopping_tensorboard_and_checkpointing(tmp_path, tiny_data):
+    # A learning rate this high makes the validation loss worse at every evaluation, so early
+    # stopping with patience 1 must end the run after the second evaluation (step 4 of 12).
+    config_path = make_config(
+        tmp_path,
+        tiny_data,
+        method={"type": "full"},
+        data={"validation_ratio": 0.25},
+        train={"learning_rate": 1.0, "eval_steps": 2, "save_steps": 2, "early_stopping_patience": 1,
+               "tensorboard": True, "gradient_checkpointing": True, "grad_accum_steps": 2, "batch_size": 4},
+    )
+    invoke("train", config_path)
+    run_dir = tmp_path / "run"
+    evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["validation_examples"] == 16 and summary["data"]["train_examples"] == 48
+    assert summary["steps"] < 12 and len(evals) >= 2
+    assert summary["final_eval_loss"] is not None
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_saved_tokenizer_template_renders_the_trained_prompt(lora_run):
+    """Plain transformers' apply_chat_template on the run's tokenizer gives dsft's prompt tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lora_run.run_dir)
+    messages = [Message("system", "Be brief."), Message("user", PROMPT), Message("assistant", "37000"), Message("user", "And 2 kg?")]
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == prompt_ids(messages, "deepseek_v3", tokenizer)
+
+
+def test_reasoning_data_trains_with_the_r1_template(tmp_path, tiny_data):
+    from transformers import AutoTokenizer
+
+    sample = Path(__file__).parents[2] / "examples" / "data" / "reasoning_sample.jsonl"
+    config_path = make_config(tmp_path, tiny_data, data={"train_files": [str(sample)], "chat_template": "deepseek_r1",
+                                                         "max_length_tokens": 256}, train={"max_steps": 2, "batch_size": 3})
+    result = run_sft(load_config(config_path))
+    assert result.summary["data"]["train_examples"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
+    history = [Message("user", "Convert 3 km to m."), Message("assistant", "3000 m", "1 km = 1000 m."), Message("user", "And 5 km?")]
+    chat = [{"role": "user", "content": "Convert 3 km to m."},
+            {"role": "assistant", "content": "<think>\n1 km = 1000 m.\n</think>\n\n3000 m"},
+            {"role": "user", "content": "And 5 km?"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<｜Assistant｜>3000 m<｜end▁of▁sentence｜><｜User｜>And 5 km?<｜Assistant｜><think>\n")
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == prompt_ids(history, "deepseek_r1", tokenizer)
