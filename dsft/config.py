@@ -115,9 +115,8 @@ class MethodConfig(_Section):
 
     @model_validator(mode="after")
     def _settings_match_type(self) -> "MethodConfig":
-        defaults = {"lora": LoraConfig(), "freeze": FreezeConfig()}
-        for other, default in defaults.items():
-            if getattr(self, other) != default and self.type != other:
+        for other in ("lora", "freeze"):
+            if other in self.model_fields_set and self.type != other:
                 raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
         return self
 
@@ -255,8 +254,16 @@ def apply_override(raw: dict, override: str) -> None:
 
 
 def dump_config(config: RunConfig) -> str:
-    """The resolved config as YAML, every default filled in (what `dsft config show` prints)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, every default filled in (what `dsft config show` prints).
+
+    Only the settings of the method in use are written: those of the others do not apply, and
+    writing them would make the file invalid to load back.
+    """
+    raw = config.model_dump(mode="json")
+    for other in ("lora", "freeze"):
+        if other != config.method.type:
+            del raw["method"][other]
+    return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
 
 def _read_text(path: Path) -> str:

@@ -81,8 +81,11 @@ def _guarded(load: Callable, key: str, value: str):
 
 def load_run(run_dir: str | Path, dtype: str = "auto"):
     """Load a finished run directory: (model in eval mode, tokenizer, resolved config)."""
+    from transformers.utils import logging as hf_logging
+
     from dsft.models.tokenizer import load_tokenizer
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar would interleave with chat output
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():

@@ -239,7 +239,7 @@ def _summary(config, train_output, eval_loss, stats: DataStats, counts, before, 
 def _format_number(value) -> str:
     if isinstance(value, float) and abs(value) >= 100:
         return f"{value:,.0f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _print_summary(console: Console, summary: dict, run_dir: Path) -> None:

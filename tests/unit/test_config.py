@@ -132,3 +132,9 @@ def test_shipped_examples_validate(capsys):
     assert [p.name for p in examples] == ["quickstart.yaml", "r1_distill_lora.yaml"]
     assert validate_files(examples)
     assert capsys.readouterr().out.count("ok ") == 2
+
+
+def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "method:\n  type: freeze\n"))
+    method = yaml.safe_load(dump_config(config))["method"]
+    assert method == {"type": "freeze", "freeze": {"trainable_layers": 2, "train_embeddings": False}}
