@@ -164,6 +164,12 @@ class TrainConfig(_Section):
     """Stop after this many evaluations without a better validation loss (needs eval_steps)."""
     tensorboard: bool = True
     """Write TensorBoard event files under the run directory."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop before the optimizer applies it, or skip that step (counted)."""
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    """With nonfinite: skip, stop after this many non-finite steps in a row."""
+    auto_find_batch_size: bool = False
+    """On CUDA out-of-memory, halve batch_size and retry (the effective batch shrinks with it)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
