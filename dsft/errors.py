@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes: the CLI prints it without a traceback."""
+"""The exceptions dsft shows to users: the CLI prints them without a traceback and exits with exit_code."""
 
 
 class DsftError(Exception):
@@ -7,3 +7,18 @@ class DsftError(Exception):
     The message names where the problem is (file:line, config key path or CLI option) and
     what is allowed instead.
     """
+
+    exit_code = 2
+
+
+class TrainingInterrupted(DsftError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the message says how to resume."""
+
+    # EX_TEMPFAIL: a job scheduler may requeue the job, which then resumes.
+    exit_code = 75
+
+
+class TrainingDiverged(DsftError):
+    """A non-finite loss or gradient stopped training before the optimizer applied it."""
+
+    exit_code = 3
