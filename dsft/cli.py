@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,7 +47,9 @@ def train(
     from dsft.config import load_config
     from dsft.train.sft import run_sft
 
-    run_sft(load_config(config, set_), resume=resume)
+    overrides = "".join(f" --set {shlex.quote(item)}" for item in set_)
+    resume_command = f"dsft train {shlex.quote(str(config))}{overrides} --resume"
+    run_sft(load_config(config, set_), resume=resume, resume_command=resume_command)
 
 
 @app.command()

@@ -40,9 +40,8 @@ class MetricsCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop records logged after last_step: a resumed run logs those steps again."""
-    path = Path(run_dir) / METRICS_FILE
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the records of a per-step jsonl log after last_step: a resumed run writes those steps again."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= last_step]
@@ -91,6 +90,10 @@ class RichProgressCallback(TrainerCallback):
             self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """Close the bar; also called when training ends with an exception."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dsft.config import OutputConfig, RunConfig, dump_config
 from dsft.errors import DsftError
+from dsft.train.checkpoints import list_checkpoints
 
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
@@ -18,7 +19,7 @@ def prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
     """Create (or, for --resume, check) the run directory; never silently overwrites a run."""
     run_dir = Path(output.dir)
     if resume:
-        if last_checkpoint(run_dir) is None:
+        if not list_checkpoints(run_dir / CHECKPOINTS_DIR):
             raise DsftError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; set train.save_steps to write them")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -30,15 +31,6 @@ def prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step, if any."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[-1]), p) for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(steps)[1] if steps else None
 
 
 def checkpoint_step(checkpoint: Path) -> int:

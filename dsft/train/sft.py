@@ -18,13 +18,16 @@ from dsft.config import EvalConfig, RunConfig, TrainConfig
 from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.hf_templates import JINJA_TEMPLATES
-from dsft.errors import DsftError
+from dsft.errors import DsftError, TrainingInterrupted
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
-from dsft.train.callbacks import MetricsCallback, RichProgressCallback, truncate_metrics
+from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
+from dsft.train.checkpoints import newest_good_checkpoint
+from dsft.train.guards import NonFiniteGuard, StopOnSignal
+from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
 
 
 @dataclasses.dataclass
@@ -36,8 +39,14 @@ class SftResult:
     tokenizer: object
 
 
-def run_sft(config: RunConfig, resume: bool = False, console: Console | None = None) -> SftResult:
-    """Fine-tune as the config says and write the run directory."""
+def run_sft(
+    config: RunConfig, resume: bool = False, console: Console | None = None, resume_command: str = "dsft train CONFIG --resume"
+) -> SftResult:
+    """Fine-tune as the config says and write the run directory.
+
+    Raises DsftError for bad input, TrainingInterrupted after a signal (a checkpoint was saved;
+    the message shows resume_command) and TrainingDiverged on a non-finite loss or gradient.
+    """
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -55,6 +64,8 @@ def run_sft(config: RunConfig, resume: bool = False, console: Console | None = N
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)
     train_rows, validation_rows, stats = build_sft_datasets(config.data, tokenizer, config.train.seed)
+    for sample_id, row in enumerate(train_rows):
+        row["sample_id"] = sample_id  # for the ledger of consumed samples (samples.jsonl)
     for line in stats.lines():
         console.print(f"data: {line}")
     eval_examples = _generation_examples(config, console)
@@ -74,18 +85,16 @@ def run_sft(config: RunConfig, resume: bool = False, console: Console | None = N
     before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
 
     # Train.
-    trainer, metrics = _build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console)
-    checkpoint = rd.last_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        console.print(f"resuming from {checkpoint}")
-        truncate_metrics(run_dir, rd.checkpoint_step(checkpoint))
-    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer, guards = _build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console)
+    checkpoint = _checkpoint_to_resume(run_dir, console) if resume else None
+    train_output = _train(trainer, guards, checkpoint, config.train, resume_command)
     eval_loss = trainer.evaluate()["eval_loss"] if validation_rows else None
 
     # Save: adapter or full model, tokenizer, then the numbers.
     _save_model(trainer, tokenizer, run_dir, config)
     after = _score(model, tokenizer, eval_examples, template, config.eval, console, "after training")
     summary = _summary(config, train_output, eval_loss, stats, counts, before, after, started_s, trainer)
+    summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
     return SftResult(run_dir, summary, trainer.model, tokenizer)
@@ -153,7 +162,8 @@ def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool)
         eval_steps=train.eval_steps if evaluate else None,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,
-        save_total_limit=train.keep_last_checkpoints,
+        save_total_limit=None,  # DsftTrainer rotates: it never deletes the only good checkpoint
+        auto_find_batch_size=train.auto_find_batch_size,
         load_best_model_at_end=train.early_stopping_patience is not None and evaluate,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -165,19 +175,27 @@ def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool)
     )
 
 
+@dataclasses.dataclass
+class _Guards:
+    nonfinite: NonFiniteGuard
+    stop_on_signal: StopOnSignal
+    progress: RichProgressCallback
+
+
 def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
 
     train = config.train
     if train.early_stopping_patience is not None and not validation_rows:
         raise DsftError("train.early_stopping_patience needs validation data (data.validation_files or data.validation_ratio)")
-    metrics = MetricsCallback(run_dir)
-    callbacks = [metrics, RichProgressCallback(console, metrics)]
+    metrics, ledger, stop_on_signal = MetricsCallback(run_dir), SampleLedger(run_dir), StopOnSignal()
+    progress = RichProgressCallback(console, metrics)
+    callbacks = [metrics, progress, ledger, stop_on_signal]
     if train.tensorboard:
         callbacks.append(_tensorboard_callback(run_dir))
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer = Trainer(
+    trainer = DsftTrainer(
         model=model,
         args=_training_arguments(train, run_dir, bool(validation_rows)),
         train_dataset=train_rows,
@@ -186,10 +204,56 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
         callbacks=callbacks,
+        ledger=ledger,
+        keep_last_checkpoints=train.keep_last_checkpoints,
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
-    return trainer, metrics
+    fp16 = trainer.args.fp16
+    nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
+    trainer.add_callback(nonfinite)
+    return trainer, _Guards(nonfinite, stop_on_signal, progress)
+
+
+def _checkpoint_to_resume(run_dir: Path, console: Console) -> Path:
+    root = run_dir / rd.CHECKPOINTS_DIR
+    checkpoint = newest_good_checkpoint(root, warn=lambda line: console.print(f"[yellow]warning:[/yellow] {line}"))
+    if checkpoint is None:
+        raise DsftError(f"--resume: no checkpoint in {root} verifies against its manifest; nothing to resume from")
+    console.print(f"resuming from {checkpoint}")
+    step = rd.checkpoint_step(checkpoint)
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        truncate_log(run_dir / name, step)
+    return checkpoint
+
+
+def _train(trainer, guards: _Guards, checkpoint: Path | None, train: TrainConfig, resume_command: str):
+    """trainer.train with user-facing errors for out-of-memory and a clean stop on signals."""
+    import torch
+
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as exc:
+        raise DsftError(_out_of_memory_advice(train, str(exc).splitlines()[0])) from None
+    finally:
+        guards.progress.stop()
+        guards.stop_on_signal.restore()
+    if guards.stop_on_signal.signal_name is not None:
+        saved = newest_good_checkpoint(Path(trainer.args.output_dir), warn=lambda line: None)
+        raise TrainingInterrupted(
+            f"stopped by {guards.stop_on_signal.signal_name} at step {trainer.state.global_step}; "
+            f"checkpoint saved in {saved}. Resume with: {resume_command}"
+        )
+    return output
+
+
+def _out_of_memory_advice(train: TrainConfig, detail: str) -> str:
+    return (
+        f"out of GPU memory ({detail}). Lower train.batch_size (now {train.batch_size}) and raise "
+        "train.grad_accum_steps to keep the effective batch, lower data.max_length_tokens, set "
+        "train.gradient_checkpointing: true, use method.type: lora instead of full, or set "
+        "train.auto_find_batch_size: true to halve the batch size until it fits"
+    )
 
 
 def _tensorboard_callback(run_dir: Path):
