@@ -169,6 +169,7 @@ def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool)
         greater_is_better=False,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
+        remove_unused_columns=False,  # keeps sample_id for the ledger; DsftTrainer pops it before the model
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),

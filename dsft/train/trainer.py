@@ -59,6 +59,20 @@ class DsftTrainer(Trainer):
             self.nonfinite_loss_seen = True
         return loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if _is_peft(model or self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The Trainer's own loader matches keys literally (strict=False), but save_pretrained writes
+        # MoE experts in the per-expert layout of transformers v4, so fused expert weights would be
+        # left as initialised without a word; from_pretrained converts them, and strict loading
+        # fails loudly on anything else that does not match.
+        _load_full_weights(model or self.model, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if _is_peft(self.model):
+            return super()._load_best_model()
+        _load_full_weights(self.model, self.state.best_model_checkpoint)
+
     def _save_checkpoint(self, model, trial):
         root = Path(self.args.output_dir)
         staging_root = root / ckpt.STAGING_DIR
@@ -88,3 +102,12 @@ class DsftTrainer(Trainer):
         self.state.best_model_checkpoint = str(best)
         self.state.save_to_json(str(staged / "trainer_state.json"))
         return best
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _load_full_weights(model, checkpoint: str) -> None:
+    loaded = type(model).from_pretrained(checkpoint, dtype=model.dtype, use_safetensors=True)
+    model.load_state_dict(loaded.state_dict(), strict=True)
