@@ -50,7 +50,7 @@ def run_sft(
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # log lines stay whole when piped to a file
     hf_logging.disable_progress_bar()  # dsft draws its own progress; shard-writing bars are noise
     started_s = time.perf_counter()
     run_dir = rd.prepare_run_dir(config.output, resume)
