@@ -95,6 +95,7 @@ def run_sft(
     after = _score(model, tokenizer, eval_examples, template, config.eval, console, "after training")
     summary = _summary(config, train_output, eval_loss, stats, counts, before, after, started_s, trainer)
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
+    summary["batch_size_used"] = trainer.state.train_batch_size  # smaller than configured after auto_find_batch_size
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
     return SftResult(run_dir, summary, trainer.model, tokenizer)
