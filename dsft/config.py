@@ -1,21 +1,40 @@
 """The typed run config: one YAML file with sections model, data, method, train, eval, output.
 
 Every field has a docstring (shown by `dsft config show --docs`); unknown keys are errors.
-`load_config` reads the YAML, applies `--set key.path=value` overrides and validates; every
-problem becomes a `DsftError` naming the key path, the YAML line and what is allowed.
+`load_config` reads the YAML, applies `--set key.path=value` overrides, replaces `${NAME}`
+environment references and validates; every problem becomes a `DsftError` naming the key path,
+the YAML line and what is allowed. `dump_config` writes the references back, never their values.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dsft.errors import DsftError
 
 PRESETS = ("tiny-deepseek-v3", "tiny-qwen2", "tiny-llama")
+
+SECRET_KEYS = (("model", "hub_token"),)
+"""Key paths of secrets: saved only as the ${NAME} reference the config wrote, else as null."""
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_MISSING = object()
 
 
 class _Section(BaseModel):
@@ -37,6 +56,9 @@ class ModelConfig(_Section):
     """Vocabulary size (tokens) of the byte-level BPE tokenizer trained for a preset."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of name_or_path."""
+    hub_token: SecretStr | None = None
+    """Hugging Face token for private or gated repositories; write ${HF_TOKEN}, the value is never saved
+    (a literal token works but is saved as null, and a warning asks for a reference)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; auto: bfloat16 where CUDA supports it, else float32."""
     trust_remote_code: bool = False
@@ -221,6 +243,10 @@ class RunConfig(_Section):
     output: OutputConfig = OutputConfig()
     """Where the run is written."""
 
+    # Key path -> (the text the config wrote, e.g. "${DATA}/train.jsonl"; the value it validated to):
+    # dump_config writes the text back where the value is unchanged, so no variable's value is saved.
+    _env_references: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
+
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config; raises DsftError naming the key and the file line."""
@@ -233,12 +259,77 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_config(raw: dict, source: str = "config", yaml_text: str | None = None) -> RunConfig:
-    """Validate a config mapping; raises DsftError listing every problem."""
+    """Replace ${NAME} references from the environment and validate; raises DsftError listing every problem.
+
+    The config remembers where the references were, so dump_config writes them back.
+    """
+    expanded, references, problems = expand_env_references(raw)
+    if problems:
+        raise _invalid(source, [f"{_where(path, yaml_text)}: {problem}" for path, problem in problems])
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(expanded)
     except ValidationError as exc:
-        lines = [_describe(err, yaml_text) for err in exc.errors()]
-        raise DsftError(f"invalid config {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+        raise _invalid(source, [_describe(err, yaml_text) for err in exc.errors()]) from None
+    dumped = config.model_dump(mode="json")
+    config._env_references = {path: (text, _lookup(dumped, path)) for path, text in references.items()}
+    for path in SECRET_KEYS:
+        if _lookup(dumped, path) not in (None, _MISSING) and path not in references:
+            _warn_literal_secret(source, ".".join(path))
+    return config
+
+
+def _invalid(source: str, lines: list[str]) -> DsftError:
+    return DsftError(f"invalid config {source}:\n" + "\n".join(f"  - {line}" for line in lines))
+
+
+def _warn_literal_secret(source: str, key: str) -> None:
+    # A warning, not an error: the token works, but a config file gets copied and shared.
+    message = (f"{source}: {key} holds a literal secret; write an environment reference such as "
+               "${HF_TOKEN} so the file holds none (the value itself is never saved)")
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def expand_env_references(raw: Any) -> tuple[Any, dict[tuple, str], list[tuple[tuple, str]]]:
+    """Replace ${NAME} and ${NAME:-default} in every string of raw by the environment's values.
+
+    Returns the expanded copy, key path -> original text of each string that had a reference, and
+    (key path, problem) for each malformed reference and each variable that is not set and has no default.
+    As in the shell, a default also replaces a variable that is set but empty.
+    """
+    references: dict[tuple, str] = {}
+    problems: list[tuple[tuple, str]] = []
+
+    def walk(node: Any, path: tuple) -> Any:
+        if isinstance(node, dict):
+            return {key: walk(value, (*path, key)) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value, (*path, i)) for i, value in enumerate(node)]
+        if not (isinstance(node, str) and "${" in node):
+            return node
+        references[path] = node
+        try:
+            return _expand(node)
+        except ValueError as exc:
+            problems.append((path, str(exc)))
+            return node
+
+    return walk(raw, ()), references, problems
+
+
+def _expand(text: str) -> str:
+    if "${" in _ENV_REFERENCE.sub("", text):
+        raise ValueError("malformed environment reference; write ${NAME} or ${NAME:-default} (NAME: letters, digits, _)")
+
+    def value_of(match: re.Match) -> str:
+        name, default = match.groups()
+        value = os.environ.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            raise ValueError(f"environment variable {name} is not set; set it, or write ${{{name}:-default}}")
+        return value
+
+    return _ENV_REFERENCE.sub(value_of, text)
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -263,13 +354,40 @@ def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML, every default filled in (what `dsft config show` prints).
 
     Only the settings of the method in use are written: those of the others do not apply, and
-    writing them would make the file invalid to load back.
+    writing them would make the file invalid to load back. A value that came from a ${NAME}
+    reference is written as that reference unless it was changed since; a secret (SECRET_KEYS)
+    is written only as its reference, or as null.
     """
     raw = config.model_dump(mode="json")
     for other in ("lora", "freeze"):
         if other != config.method.type:
             del raw["method"][other]
+    for path in SECRET_KEYS:
+        _assign(raw, path, None)
+    for path, (text, loaded_value) in config._env_references.items():
+        current = _lookup(raw, path)
+        if current is not _MISSING and (current == loaded_value or path in SECRET_KEYS):
+            _assign(raw, path, text)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+def _lookup(node: Any, path: tuple) -> Any:
+    """The value at a key path (dict keys and list indexes) of a dumped config, or _MISSING."""
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+def _assign(node: Any, path: tuple, value: Any) -> None:
+    """Set the value at a key path that _lookup finds."""
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
 
 
 def _read_text(path: Path) -> str:
@@ -293,16 +411,25 @@ def _parse_yaml(text: str, path: Path) -> dict:
 
 
 def _describe(err: dict, yaml_text: str | None) -> str:
-    loc = [str(part) for part in err["loc"]]
-    key = ".".join(loc) or "(top level)"
-    line = _yaml_line(yaml_text, loc)
-    where = f"{key} (line {line})" if line else key
+    where = _where(err["loc"], yaml_text)
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
         return f"{where}: unknown key; allowed here: {allowed}"
     if err["type"] == "missing":
         return f"{where}: required key is missing"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    value = err.get("input")
+    # A whole section (for a check across its keys) or a secret is not echoed: it may hold a token.
+    if isinstance(value, dict) or tuple(map(str, err["loc"])) in SECRET_KEYS:
+        return f"{where}: {err['msg']}"
+    return f"{where}: {err['msg']} (got {value!r})"
+
+
+def _where(loc: tuple, yaml_text: str | None) -> str:
+    """The key path of loc, with its YAML line where the text has it: "train.seed (line 7)"."""
+    parts = [str(part) for part in loc]
+    key = ".".join(parts) or "(top level)"
+    line = _yaml_line(yaml_text, parts)
+    return f"{key} (line {line})" if line else key
 
 
 def _allowed_keys(parent_loc: tuple) -> list[str]:

@@ -22,3 +22,7 @@ class TrainingDiverged(DsftError):
     """A non-finite loss or gradient stopped training before the optimizer applied it."""
 
     exit_code = 3
+
+
+class RemoteCodeWarning(UserWarning):
+    """model.trust_remote_code is on: Python code from a model repository will run on this machine."""

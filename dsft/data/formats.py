@@ -1,7 +1,8 @@
 """Validate raw records of the four data formats into one normalized `Example`.
 
 Every error names the record's source and the field path ("data/train.jsonl:7: field
-'messages[2].role': ...") so the user can go straight to the line to fix.
+'messages[2].role': ...") so the user can go straight to the line to fix. Errors never quote
+a record's values: they go to the log and summary.json, and records may hold private data.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _messages_messages(record: RawRecord) -> list[Message]:
         path = f"messages[{i}]"
         role = _required_str(record, turn, "role", path)
         if role not in ROLES:
-            raise _field_error(record, f"{path}.role", f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+            raise _field_error(record, f"{path}.role", f"unknown role (not one of {', '.join(ROLES)})")
         content = _required_str(record, turn, "content", path)
         reasoning = _message_reasoning(record, turn, path)
         if role == "assistant":
@@ -162,7 +163,7 @@ def _sharegpt_messages(record: RawRecord) -> list[Message]:
         speaker = _required_str(record, turn, "from", path)
         if speaker not in _SHAREGPT_ROLES:
             allowed = ", ".join(_SHAREGPT_ROLES)
-            raise _field_error(record, f"{path}.from", f"unknown role {speaker!r}; allowed: {allowed}")
+            raise _field_error(record, f"{path}.from", f"unknown role (not one of {allowed})")
         role = _SHAREGPT_ROLES[speaker]
         value = _required_str(record, turn, "value", path)
         if role == "assistant":

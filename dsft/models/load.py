@@ -3,17 +3,26 @@
 A run directory is plain Hugging Face: a full model (safetensors) or a PEFT adapter, plus the
 tokenizer and the resolved config.yaml. A LoRA run on a preset also keeps the random-init base
 weights in `base_model/`, because a preset is not on any hub.
+
+A run directory may come from someone else, so loading one reads weights from safetensors only
+(unpickling a .bin file can run any code) and no file that resolves outside the directory.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dsft.config import ModelConfig, RunConfig, load_config
-from dsft.errors import DsftError
+from dsft.errors import DsftError, RemoteCodeWarning
+from dsft.paths import resolve_inside
 
 BASE_MODEL_DIR = "base_model"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def resolve_dtype(name: str):
@@ -36,11 +45,14 @@ def build_tokenizer(model: ModelConfig, run_dir: Path, training_texts: Callable[
     """
     from dsft.models.tokenizer import load_tokenizer, train_bpe_tokenizer
 
+    _warn_remote_code(model)
+    token = hub_token(model)
     if model.tokenizer is not None:
-        return _guarded(lambda: load_tokenizer(model.tokenizer, model.trust_remote_code), "model.tokenizer", model.tokenizer)
+        name = model.tokenizer
+        return _guarded(lambda: load_tokenizer(name, model.trust_remote_code, token=token), "model.tokenizer", name)
     if model.name_or_path is not None:
-        name = model.name_or_path
-        return _guarded(lambda: load_tokenizer(name, model.trust_remote_code, model.revision), "model.name_or_path", name)
+        name, revision = model.name_or_path, model.revision
+        return _guarded(lambda: load_tokenizer(name, model.trust_remote_code, revision, token), "model.name_or_path", name)
     if has_tokenizer_files(run_dir):
         return load_tokenizer(run_dir)
     tokenizer = train_bpe_tokenizer(training_texts(), model.tokenizer_vocab_size)
@@ -61,10 +73,34 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
     return loaded
 
 
+def hub_token(model: ModelConfig) -> str | None:
+    """The model.hub_token value for from_pretrained; None lets huggingface_hub use its own login."""
+    return None if model.hub_token is None else model.hub_token.get_secret_value()
+
+
+def _warn_remote_code(model: ModelConfig) -> None:
+    """Before anything loads: name the repositories whose code trust_remote_code lets run here."""
+    names = [n for n in (model.name_or_path, model.tokenizer) if n is not None]
+    if not (model.trust_remote_code and names):
+        return
+    if model.revision is not None:
+        names[0] = f"{names[0]} (revision {model.revision})"
+    repositories = " and ".join(dict.fromkeys(names))
+    # One location and one text, so Python's default filter shows it once per process.
+    warnings.warn(
+        f"model.trust_remote_code is true: Python code from {repositories} runs on this machine with "
+        "your permissions; set it only for repositories whose code you have read",
+        RemoteCodeWarning,
+    )
+
+
 def _from_pretrained(model: ModelConfig, dtype):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    _warn_remote_code(model)
+    kwargs = dict(
+        dtype=dtype, trust_remote_code=model.trust_remote_code, revision=model.revision, token=hub_token(model)
+    )
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
     return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
@@ -80,14 +116,17 @@ def _guarded(load: Callable, key: str, value: str):
 
 
 def load_run(run_dir: str | Path, dtype: str = "auto"):
-    """Load a finished run directory: (model in eval mode, tokenizer, resolved config)."""
+    """Load a finished run directory: (model in eval mode, tokenizer, resolved config).
+
+    Raises DsftError for a directory that is not a run, and as load_run_model does.
+    """
     from transformers.utils import logging as hf_logging
 
     from dsft.models.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()  # a weight-loading bar would interleave with chat output
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    run_dir = Path(run_dir).resolve()
+    config_path = resolve_inside(run_dir, "config.yaml", "run config")
     if not config_path.is_file():
         raise DsftError(f"{run_dir}: not a dsft run directory (no config.yaml)")
     config = load_config(config_path)
@@ -98,20 +137,63 @@ def load_run(run_dir: str | Path, dtype: str = "auto"):
 
 
 def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
+    """The run's full model, or its adapter on the base it was trained on, from safetensors only.
+
+    Raises DsftError for pickled weights, a file that resolves outside the run directory, or an
+    adapter whose recorded base is neither the run's base_model/ nor the model its config names.
+    """
     from transformers import AutoModelForCausalLM
 
+    run_dir = Path(run_dir).resolve()
     torch_dtype = resolve_dtype(dtype)
-    if not (run_dir / "adapter_config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch_dtype)
+    adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
+    if not adapter_config.is_file():
+        _require_safetensors(run_dir, run_dir, "model")
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
     from peft import PeftModel
 
-    base_dir = run_dir / BASE_MODEL_DIR
-    if base_dir.is_dir():
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
-    else:
+    _require_safetensors(run_dir, run_dir, "adapter_model")
+    recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if os.path.lexists(run_dir / BASE_MODEL_DIR):
+        base_dir = _own_base_dir(run_dir, recorded, adapter_config)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+    elif recorded in (None, config.model.name_or_path):
         base = _guarded(
             lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype),
             "model.name_or_path",
             str(config.model.name_or_path),
         )
+    else:
+        raise DsftError(
+            f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's {BASE_MODEL_DIR}/ "
+            f"nor model.name_or_path of its config.yaml ({config.model.name_or_path!r}); no other base is loaded"
+        )
     return PeftModel.from_pretrained(base, run_dir)
+
+
+def _own_base_dir(run_dir: Path, recorded: str | None, adapter_config: Path) -> Path:
+    """The run's base_model/ (inside the run, safetensors), which the adapter must record as its base."""
+    base_dir = resolve_inside(run_dir, BASE_MODEL_DIR, "base model directory")
+    # A run moved with its base_model/ still records the old absolute path, which ends the same.
+    if recorded is not None and Path(recorded).name != BASE_MODEL_DIR:
+        raise DsftError(
+            f"{adapter_config}: base_model_name_or_path {recorded!r} is not this run's {BASE_MODEL_DIR}/, "
+            "which holds the base it was trained on; no other base is loaded"
+        )
+    _require_safetensors(base_dir, run_dir, "model")
+    return base_dir
+
+
+def _require_safetensors(directory: Path, run_dir: Path, stem: str) -> None:
+    """Check that directory holds stem*.safetensors, all inside run_dir; raises DsftError naming pickled weights."""
+    weights = sorted(directory.glob(f"{stem}*.safetensors")) + sorted(directory.glob(f"{stem}*.safetensors.index.json"))
+    if not weights:
+        pickled = sorted(p for p in directory.glob(f"*{stem}*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise DsftError(
+                f"{pickled[0]}: pickled weights are not loaded (unpickling can run arbitrary code); "
+                f"dsft loads weights only from safetensors ({stem}.safetensors)"
+            )
+        raise DsftError(f"{directory}: no {stem}.safetensors; not a complete dsft run directory")
+    for path in weights:
+        resolve_inside(run_dir, path, "weights file")

@@ -47,12 +47,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, revision: str | None = None):
-    """Load a tokenizer from a local directory or hub id; gives it a pad token if it has none."""
+def load_tokenizer(
+    name_or_path: str | Path, trust_remote_code: bool = False, revision: str | None = None, token: str | None = None
+):
+    """Load a tokenizer from a local directory or hub id; gives it a pad token if it has none.
+
+    token is a Hugging Face token for private or gated repositories (None: huggingface_hub's own login).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        str(name_or_path), trust_remote_code=trust_remote_code, revision=revision
+        str(name_or_path), trust_remote_code=trust_remote_code, revision=revision, token=token
     )
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing eos is harmless.
