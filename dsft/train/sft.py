@@ -82,10 +82,9 @@ def run_sft(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
-    before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
-
-    # Train.
+    # Train (the Trainer puts the model on its device, so the score before training runs there too).
     trainer, guards = _build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console)
+    before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
     checkpoint = _checkpoint_to_resume(run_dir, console) if resume else None
     train_output = _train(trainer, guards, checkpoint, config.train, resume_command)
     eval_loss = trainer.evaluate()["eval_loss"] if validation_rows else None
