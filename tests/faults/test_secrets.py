@@ -19,7 +19,7 @@ import yaml
 from dsft.config import dump_config, load_config
 from dsft.errors import DsftError
 from dsft.models.tokenizer import train_bpe_tokenizer
-from tests.recipes.conftest import make_config, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.recipes.conftest import make_config
 
 # Random per session, so no path, test name or cached file can contain it by chance.
 CANARY = f"CANARY-{uuid.uuid4().hex[:12]}"

@@ -6,7 +6,7 @@ from dsft.data.chat import Segment, render_conversation, render_prompt, render_t
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
 from dsft.errors import DsftError
-from dsft.models.tokenizer import ASSISTANT, BOS, EOS, USER, train_bpe_tokenizer
+from dsft.models.tokenizer import ASSISTANT, BOS, EOS, USER
 
 # A prefix-consistent template that is not DeepSeek's: turn boundaries come from prefix renders.
 PLAIN_TEMPLATE = (
@@ -29,14 +29,6 @@ CONVERSATION = (
     Message("user", "And 6*7? 请回答"),
     Message("assistant", "42", reasoning="six sevens"),
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    words = ["what", "is", "the", "answer", "think", "exact", "and", "sevens", "question", "model"]
-    chinese = ["你好", "请回答", "问题", "答案", "模型", "训练"]
-    texts = [f"{words[i % 10]} {words[i * 7 % 10]} {chinese[i % 6]} {i * 37} + {i}?" for i in range(300)]
-    return train_bpe_tokenizer(texts, vocab_size=500)
 
 
 def _labelled_spans(tokenizer, segments):

@@ -9,15 +9,7 @@ from dsft.data.dataset import DataStats, build_sft_datasets, load_examples, spli
 from dsft.data.encode import IGNORE_INDEX, truncate
 from dsft.data.formats import Example, Message
 from dsft.errors import DsftError
-from dsft.models.tokenizer import EOS, train_bpe_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    words = ["what", "is", "the", "answer", "say", "hello", "and", "number", "question", "model"]
-    chinese = ["你好", "请回答", "问题", "答案", "模型", "训练"]
-    texts = [f"{words[i % 10]} {words[i * 7 % 10]} {chinese[i % 6]} {i * 37} + {i}?" for i in range(300)]
-    return train_bpe_tokenizer(texts, vocab_size=500)
+from dsft.models.tokenizer import EOS
 
 
 def _write_jsonl(path, rows):
