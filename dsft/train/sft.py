@@ -8,6 +8,8 @@ the run directory that loads with plain transformers / peft.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -269,11 +271,21 @@ def _save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
     if config.method.type == "lora" and config.model.preset is not None:
         # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
         model.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
-    model.save_pretrained(run_dir, safe_serialization=True)
     if config.data.chat_template in JINJA_TEMPLATES:
         # So plain transformers' apply_chat_template renders the prompts this run trained on.
         tokenizer.chat_template = JINJA_TEMPLATES[config.data.chat_template]
-    tokenizer.save_pretrained(run_dir)
+    # Written aside, then each file renamed into place: a crash never leaves a half-written weight file.
+    staging = run_dir / ".staging-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, run_dir / path.name)
+        staging.rmdir()
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DsftError(f"cannot write the trained model into {run_dir}: {exc}; the checkpoints are untouched") from None
 
 
 def _summary(config, train_output, eval_loss, stats: DataStats, counts, before, after, started_s, trainer) -> dict:
