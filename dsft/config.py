@@ -205,6 +205,21 @@ class TrainConfig(_Section):
         return self
 
 
+class CheckConfig(_Section):
+    name: str = Field(min_length=1)
+    """Metric name in reports."""
+    regex: str | None = None
+    """The answer passes when this regular expression matches somewhere in it (Python re.search)."""
+    python: str | None = None
+    """A function "module:function" or "path/to/file.py:function", called as f(answer, reference, prompt) -> bool | float."""
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> "CheckConfig":
+        if (self.regex is None) == (self.python is None):
+            raise ValueError("a check needs exactly one of regex or python")
+        return self
+
+
 class EvalConfig(_Section):
     generate_files: list[str] = []
     """Held-out prompts with reference answers (any data format); scored by exact match of greedy output."""
@@ -216,6 +231,29 @@ class EvalConfig(_Section):
     """Prompts per generation batch."""
     max_samples: int | None = Field(None, ge=1)
     """Score at most this many prompts."""
+    metrics: list[Literal["exact_match", "f1", "bleu", "chrf", "rouge", "perplexity"]] = [
+        "exact_match", "f1", "bleu", "chrf", "rouge", "perplexity"]
+    """Metrics of dsft eval (and of generate_files during training); semantic similarity and checks come on top."""
+    bleu_tokenize: Literal["auto", "13a", "zh", "intl", "char"] = "auto"
+    """sacrebleu tokenizer; auto: zh when the references are mostly Chinese, else 13a."""
+    rouge_tokenization: Literal["auto", "char", "word"] = "auto"
+    """ROUGE units; auto: characters when the references are mostly Chinese, else words."""
+    embedding_model: str | None = None
+    """Local path of a sentence-embedding model (HF format) for a semantic-similarity score; none: skipped."""
+    checks: list[CheckConfig] = []
+    """Custom pass/fail metrics on each answer: a regex that must match, or a Python function."""
+    bootstrap_resamples: int = Field(1000, ge=0)
+    """Resamples for the confidence intervals of the headline metrics; 0 turns them off."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """Confidence level of the bootstrap intervals."""
+    seed: int = 0
+    """Seed of sampling (if enabled) and of the bootstrap, so a rerun gives the same numbers."""
+    speed_batch_size: int = Field(8, ge=2)
+    """The larger batch of the speed measurement (the other is batch 1)."""
+    speed_new_tokens: int = Field(32, ge=2)
+    """Tokens generated per prompt when measuring speed."""
+    examples_listed: int = Field(10, ge=0)
+    """Examples listed as won and as lost in a side-by-side comparison."""
 
     _as_lists = field_validator("generate_files", mode="before")(_as_list)
 
