@@ -77,10 +77,13 @@ def load_examples(
     stats: DataStats,
     system_prompt: str | None = None,
     max_samples: int | None = None,
+    *,
+    require_answer: bool = True,
 ) -> list[Example]:
     """Read and validate the records of files, in order, into at most max_samples examples.
 
-    fmt is one of FORMATS or "auto" (detected per file from its first record). With on_error
+    fmt is one of FORMATS or "auto" (detected per file from its first record). require_answer
+    False accepts records without their answer (prompts to evaluate; see to_example). With on_error
     "skip" a bad record is counted in stats and skipped; with "error" it raises DsftError naming
     file:line and field. Always raises DsftError for a missing or unreadable file, and for a file
     whose format cannot be detected. Raises ValueError for an on_error other than ON_ERROR.
@@ -92,12 +95,18 @@ def load_examples(
         if max_samples is not None and len(examples) >= max_samples:
             break
         limit = None if max_samples is None else max_samples - len(examples)
-        examples += _load_file(path, fmt, on_error == "skip", stats, system_prompt, limit)
+        examples += _load_file(path, fmt, on_error == "skip", stats, system_prompt, limit, require_answer)
     return examples
 
 
 def _load_file(
-    path: str, fmt: str, skip_bad: bool, stats: DataStats, system_prompt: str | None, limit: int | None
+    path: str,
+    fmt: str,
+    skip_bad: bool,
+    stats: DataStats,
+    system_prompt: str | None,
+    limit: int | None,
+    require_answer: bool,
 ) -> list[Example]:
     def skip_unreadable(error: DsftError) -> None:
         stats.records_read += 1
@@ -110,7 +119,7 @@ def _load_file(
         if file_format is None:
             file_format = detect_format(record)
         try:
-            examples.append(to_example(record, file_format, system_prompt))
+            examples.append(to_example(record, file_format, system_prompt, require_answer=require_answer))
         except DsftError as error:
             if not skip_bad:
                 raise
@@ -211,3 +220,14 @@ def split_prompt_reference(example: Example) -> tuple[tuple[Message, ...], str]:
     if not example.messages or example.messages[-1].role != "assistant":
         raise DsftError(f"{example.source}: the conversation must end with the assistant answer to score against")
     return example.messages[:-1], example.messages[-1].content
+
+
+def split_prompt_reference_optional(example: Example) -> tuple[tuple[Message, ...], str | None]:
+    """Like split_prompt_reference, but a conversation ending with a user turn is all prompt: (messages, None).
+
+    Such examples come from load_examples(..., require_answer=False). Raises DsftError for a text
+    example or a conversation ending with neither a user nor an assistant turn.
+    """
+    if example.text is None and example.messages and example.messages[-1].role == "user":
+        return example.messages, None
+    return split_prompt_reference(example)

@@ -60,7 +60,8 @@ class Example:
     source: str
     """Where the record came from (RawRecord.source)."""
     messages: tuple[Message, ...] = ()
-    """Chat formats: optional system message first, ending with the assistant turn to train on."""
+    """Chat formats: optional system message first, ending with the assistant turn to train on
+    (or, read with require_answer=False, possibly with the user turn to answer)."""
     text: str | None = None
     """Format text (continued pre-training): the document."""
 
@@ -78,36 +79,41 @@ def detect_format(record: RawRecord) -> str:
     )
 
 
-def to_example(record: RawRecord, fmt: str, system_prompt: str | None = None) -> Example:
+def to_example(
+    record: RawRecord, fmt: str, system_prompt: str | None = None, *, require_answer: bool = True
+) -> Example:
     """Validate a record of format fmt into an Example.
 
     system_prompt is added as the first message of a conversation that has no system message.
-    Raises DsftError naming the record's source and the bad field, or ValueError for a fmt that
-    is not one of FORMATS.
+    With require_answer False (prompts to evaluate), a record without its answer is accepted: an
+    alpaca record without output, or a conversation ending with a user turn; the Example's
+    messages then end with that user turn. Raises DsftError naming the record's source and the
+    bad field, or ValueError for a fmt that is not one of FORMATS.
     """
     if fmt == "text":
         return Example(record.source, text=_required_str(record, record.data, "text", non_empty=True))
     parsers = {"alpaca": _alpaca_messages, "messages": _messages_messages, "sharegpt": _sharegpt_messages}
     if fmt not in parsers:
         raise ValueError(f"unknown data format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    messages = parsers[fmt](record)
+    messages = parsers[fmt](record, require_answer)
     if system_prompt is not None and messages[0].role != "system":
         messages = [Message("system", system_prompt), *messages]
     return Example(record.source, messages=tuple(messages))
 
 
-def _alpaca_messages(record: RawRecord) -> list[Message]:
+def _alpaca_messages(record: RawRecord, require_answer: bool) -> list[Message]:
     data = record.data
     instruction = _required_str(record, data, "instruction", non_empty=True)
     extra_input = _optional_str(record, data, "input")
-    output = _required_str(record, data, "output")
+    output = _required_str(record, data, "output") if require_answer else _optional_str(record, data, "output")
     system = _optional_str(record, data, "system")
     messages = [] if system is None else [Message("system", system)]
     messages += _alpaca_history(record)
     has_input = extra_input is not None and extra_input.strip() != ""
     prompt = f"{instruction}\n\n{extra_input}" if has_input else instruction
     messages.append(Message("user", prompt))
-    messages.append(_assistant(record, "output", output, reasoning=None))
+    if output is not None:
+        messages.append(_assistant(record, "output", output, reasoning=None))
     return messages
 
 
@@ -126,8 +132,8 @@ def _alpaca_history(record: RawRecord) -> list[Message]:
     return messages
 
 
-def _messages_messages(record: RawRecord) -> list[Message]:
-    turns = _conversation_list(record, "messages")
+def _messages_messages(record: RawRecord, require_answer: bool) -> list[Message]:
+    turns = _conversation_list(record, "messages", require_answer)
     messages = []
     for i, turn in enumerate(turns):
         path = f"messages[{i}]"
@@ -142,7 +148,7 @@ def _messages_messages(record: RawRecord) -> list[Message]:
             raise _field_error(record, f"{path}.reasoning", f"only assistant messages have reasoning, not {role}")
         else:
             messages.append(Message(role, content))
-    _check_conversation(record, "messages", messages)
+    _check_conversation(record, "messages", messages, require_answer)
     return messages
 
 
@@ -155,8 +161,8 @@ def _message_reasoning(record: RawRecord, turn: dict, path: str) -> str | None:
     return alias if reasoning is None else reasoning
 
 
-def _sharegpt_messages(record: RawRecord) -> list[Message]:
-    turns = _conversation_list(record, "conversations")
+def _sharegpt_messages(record: RawRecord, require_answer: bool) -> list[Message]:
+    turns = _conversation_list(record, "conversations", require_answer)
     messages = []
     for i, turn in enumerate(turns):
         path = f"conversations[{i}]"
@@ -170,7 +176,7 @@ def _sharegpt_messages(record: RawRecord) -> list[Message]:
             messages.append(_assistant(record, f"{path}.value", value, reasoning=None))
         else:
             messages.append(Message(role, value))
-    _check_conversation(record, "conversations", messages)
+    _check_conversation(record, "conversations", messages, require_answer)
     system = _optional_str(record, record.data, "system")
     if system is None:
         return messages
@@ -179,25 +185,34 @@ def _sharegpt_messages(record: RawRecord) -> list[Message]:
     return [Message("system", system), *messages]
 
 
-def _conversation_list(record: RawRecord, key: str) -> list[dict]:
+def _conversation_list(record: RawRecord, key: str, require_answer: bool) -> list[dict]:
     turns = record.data.get(key)
     if turns is None:
         raise _field_error(record, key, "required field is missing")
     if not isinstance(turns, list):
         raise _field_error(record, key, f"expected a list of messages, got {json_type(turns)}")
     if not turns:
-        raise _field_error(record, key, "empty conversation; expected at least one assistant message")
+        expected = "one assistant message" if require_answer else "one user or assistant message"
+        raise _field_error(record, key, f"empty conversation; expected at least {expected}")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _field_error(record, f"{key}[{i}]", f"expected an object, got {json_type(turn)}")
     return turns
 
 
-def _check_conversation(record: RawRecord, key: str, messages: list[Message]) -> None:
-    """Check the order of roles: system only first, at least one assistant turn, an assistant turn last."""
+def _check_conversation(record: RawRecord, key: str, messages: list[Message], require_answer: bool) -> None:
+    """Check the order of roles: system only first, at least one assistant turn, an assistant turn last.
+
+    Without require_answer, a conversation may instead end with the user turn to answer.
+    """
     for i, message in enumerate(messages[1:], start=1):
         if message.role == "system":
             raise _field_error(record, f"{key}[{i}].role", "a system message is only allowed first")
+    if not require_answer:
+        if messages[-1].role == "system":
+            problem = "the conversation must end with a user prompt or an assistant answer, got system"
+            raise _field_error(record, f"{key}[{len(messages) - 1}].role", problem)
+        return
     if not any(message.role == "assistant" for message in messages):
         raise _field_error(record, key, "no assistant message; a conversation needs one to train on")
     if messages[-1].role != "assistant":

@@ -5,7 +5,13 @@ import json
 import pytest
 
 from dsft.config import DataConfig
-from dsft.data.dataset import DataStats, build_sft_datasets, load_examples, split_prompt_reference
+from dsft.data.dataset import (
+    DataStats,
+    build_sft_datasets,
+    load_examples,
+    split_prompt_reference,
+    split_prompt_reference_optional,
+)
 from dsft.data.encode import IGNORE_INDEX, truncate
 from dsft.data.formats import Example, Message
 from dsft.errors import DsftError
@@ -181,3 +187,24 @@ def test_split_prompt_reference():
     assert split_prompt_reference(Example("f:1", messages=messages)) == ((Message("user", "q"),), "a")
     with pytest.raises(DsftError, match="f:2: a text record has no prompt and reference answer"):
         split_prompt_reference(Example("f:2", text="doc"))
+
+
+def test_load_prompt_only_examples(tmp_path):
+    rows = [{"instruction": "say 1"}, {"instruction": "say 2", "output": "2"}]
+    path = _write_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(DsftError, match=r"test\.jsonl:1: field 'output': required field is missing"):
+        load_examples([path], "auto", "error", DataStats())
+    examples = load_examples([path], "auto", "error", DataStats(), require_answer=False)
+    assert [example.messages for example in examples] == [
+        (Message("user", "say 1"),),
+        (Message("user", "say 2"), Message("assistant", "2")),
+    ]
+
+
+def test_split_prompt_reference_optional():
+    prompt = (Message("system", "s"), Message("user", "q"))
+    assert split_prompt_reference_optional(Example("f:1", messages=prompt)) == (prompt, None)
+    answered = (*prompt, Message("assistant", "a", reasoning="r"))
+    assert split_prompt_reference_optional(Example("f:1", messages=answered)) == (prompt, "a")
+    with pytest.raises(DsftError, match="f:2: a text record has no prompt and reference answer"):
+        split_prompt_reference_optional(Example("f:2", text="doc"))

@@ -238,3 +238,64 @@ def test_bad_records_name_source_and_field(data, fmt, message):
 def test_unknown_format_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown data format 'chatml'"):
         to_example(_record({"text": "a"}), "chatml")
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "messages"),
+    [
+        (
+            {"instruction": "Add.", "input": "40 and 2", "system": "s"},
+            "alpaca",
+            (Message("system", "s"), Message("user", "Add.\n\n40 and 2")),
+        ),
+        ({"messages": [USER_Q]}, "messages", (Message("user", "q"),)),
+        (
+            {"messages": [USER_Q, ASSISTANT_A, {"role": "user", "content": "q2"}]},
+            "messages",
+            (Message("user", "q"), Message("assistant", "a"), Message("user", "q2")),
+        ),
+        ({"system": "s", "conversations": [HUMAN_Q]}, "sharegpt", (Message("system", "s"), Message("user", "q"))),
+        # A record that has its answer reads exactly as with require_answer.
+        ({"instruction": "q", "output": "a"}, "alpaca", (Message("user", "q"), Message("assistant", "a"))),
+    ],
+)
+def test_prompt_only_records_without_require_answer(data, fmt, messages):
+    assert to_example(_record(data), fmt, require_answer=False) == Example(SOURCE, messages=messages)
+
+
+def test_prompt_only_record_gets_the_system_prompt():
+    example = to_example(_record({"instruction": "q"}), "alpaca", system_prompt="Be brief.", require_answer=False)
+    assert example.messages == (Message("system", "Be brief."), Message("user", "q"))
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "message"),
+    [
+        ({"output": "a"}, "alpaca", "field 'instruction': required field is missing"),
+        ({"instruction": "q", "output": 42}, "alpaca", "field 'output': expected a string, got number"),
+        (
+            {"messages": []},
+            "messages",
+            "field 'messages': empty conversation; expected at least one user or assistant message",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "s"}]},
+            "messages",
+            "field 'messages[0].role': the conversation must end with a user prompt or an assistant answer, got system",
+        ),
+        (
+            {"messages": [USER_Q, {"role": "system", "content": "s"}]},
+            "messages",
+            "field 'messages[1].role': a system message is only allowed first",
+        ),
+        (
+            {"conversations": [{"from": "bot", "value": "q"}]},
+            "sharegpt",
+            "field 'conversations[0].from': unknown role (not one of human, user, gpt, assistant, system)",
+        ),
+    ],
+)
+def test_prompt_only_records_are_still_validated(data, fmt, message):
+    with pytest.raises(DsftError) as info:
+        to_example(_record(data), fmt, require_answer=False)
+    assert str(info.value) == f"{SOURCE}: {message}"
