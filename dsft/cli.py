@@ -52,6 +52,20 @@ def train(
     run_sft(load_config(config, set_), resume=resume, resume_command=resume_command)
 
 
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="Run directory, or a Hugging Face model (local dir or hub id).")],
+    data: Annotated[Path, typer.Option(help="Test data in any dsft format; reference answers are optional.")],
+    against: Annotated[str | None, typer.Option(help="A second run or model, compared on the same prompts.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory; default RUN/eval or ./eval-NAME.")] = None,
+    set_: SetOption = [],
+) -> None:
+    """Score a model on test data (metrics, confidence intervals, speed), optionally against another."""
+    from dsft.eval.evaluate import run_eval
+
+    run_eval(target, str(data), against, str(out) if out else None, set_)
+
+
 @app.command()
 def generate(
     run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],

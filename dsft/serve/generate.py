@@ -47,7 +47,7 @@ def split_reasoning(reply: str) -> tuple[str | None, str]:
     return reasoning.replace("<think>", "").strip(), answer.strip()
 
 
-def _pad_left(prompts: Sequence[list[int]], pad_id: int):
+def pad_left(prompts: Sequence[list[int]], pad_id: int):
     import torch
 
     width = max(len(ids) for ids in prompts)
@@ -66,7 +66,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[list[int]], settings: Dec
     replies: list[str] = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = _pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_left(prompts[start : start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids.to(device),

@@ -27,8 +27,13 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time_s, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
+    def write(self, record: dict) -> None:
+        """Append one record (it must carry "step") to metrics.jsonl."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **(logs or {})}
+        record = {"step": state.global_step, "epoch": state.epoch, **(logs or {})}
         if "loss" in record and self._last_time_s is not None:
             now_s, tokens = time.perf_counter(), state.num_input_tokens_seen
             elapsed_s = now_s - self._last_time_s
@@ -36,8 +41,7 @@ class MetricsCallback(TrainerCallback):
                 self.last_tokens_per_second = (tokens - self._last_tokens) / elapsed_s
                 record["tokens_per_second"] = round(self.last_tokens_per_second, 1)
             self._last_time_s, self._last_tokens = now_s, tokens
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.write(record)
 
 
 def truncate_log(path: Path, last_step: int) -> None:

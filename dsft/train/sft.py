@@ -22,6 +22,7 @@ from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
+from dsft.eval.in_training import EvalMetricsCallback
 from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
@@ -86,6 +87,9 @@ def run_sft(
 
     # Train (the Trainer puts the model on its device, so the score before training runs there too).
     trainer, guards = _build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console)
+    if validation_rows:
+        trainer.add_callback(EvalMetricsCallback(tokenizer, template, validation_rows, _with_references(eval_examples),
+                                                 config.eval, guards.metrics.write))
     before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
     checkpoint = _checkpoint_to_resume(run_dir, console) if resume else None
     train_output = _train(trainer, guards, checkpoint, config.train, resume_command)
@@ -122,6 +126,10 @@ def _generation_examples(config: RunConfig, console: Console) -> list:
     if stats.skipped_bad:
         console.print(f"eval data: skipped {stats.skipped_bad} bad records")
     return examples[: config.eval.max_samples] if config.eval.max_samples else examples
+
+
+def _with_references(examples: list) -> list:
+    return [e for e in examples if e.messages and e.messages[-1].role == "assistant"]
 
 
 def _score(model, tokenizer, examples, template, eval_config: EvalConfig, console, when: str) -> ExactMatchResult | None:
@@ -180,6 +188,7 @@ def _training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool)
 
 @dataclasses.dataclass
 class _Guards:
+    metrics: MetricsCallback
     nonfinite: NonFiniteGuard
     stop_on_signal: StopOnSignal
     progress: RichProgressCallback
@@ -215,7 +224,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
     fp16 = trainer.args.fp16
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
-    return trainer, _Guards(nonfinite, stop_on_signal, progress)
+    return trainer, _Guards(metrics, nonfinite, stop_on_signal, progress)
 
 
 def _checkpoint_to_resume(run_dir: Path, console: Console) -> Path:

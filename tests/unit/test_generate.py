@@ -3,7 +3,7 @@
 import torch
 
 from dsft.eval.exact_match import normalize_answer
-from dsft.serve.generate import DecodeSettings, _pad_left, split_reasoning
+from dsft.serve.generate import DecodeSettings, pad_left, split_reasoning
 
 
 def test_split_reasoning():
@@ -25,7 +25,7 @@ def test_greedy_by_default_and_sampling_flags_only_when_sampling():
 
 
 def test_left_padding():
-    input_ids, attention_mask = _pad_left([[5, 6, 7], [8]], pad_id=0)
+    input_ids, attention_mask = pad_left([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert input_ids.dtype == torch.long

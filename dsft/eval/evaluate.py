@@ -1,0 +1,245 @@
+"""`dsft eval`, top to bottom: settings -> data -> each model (generate, score, perplexity, speed) -> compare -> write.
+
+Greedy decoding and fixed seeds by default, so a rerun gives the same numbers; results.json
+records the rendered prompts, decoding settings, data fingerprint and model identities.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from dsft import __version__
+from dsft.config import EvalConfig, apply_override
+from dsft.data.chat import render_conversation, render_prompt, render_text
+from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_optional
+from dsft.data.encode import encode_segments
+from dsft.data.formats import Example, Message
+from dsft.errors import DsftError
+from dsft.eval.perplexity import perplexity
+from dsft.eval.report import plot_length_distribution, plot_loss_curves, plot_metric_bars, print_summary, write_report
+from dsft.eval.speed import measure_speed
+from dsft.eval.targets import EvalTarget, load_target
+from dsft.eval.text_metrics import score_generations
+from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
+
+# Per-example metric that decides which model won an example, first one available.
+_WIN_METRICS = ("f1", "exact_match", "rougeL", "chrf")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One test example: the prompt messages and the reference answer (None when the data has none)."""
+
+    index: int
+    messages: tuple[Message, ...]
+    reference: str | None
+    example: Example
+
+
+def run_eval(
+    target_path: str, data_path: str, against_path: str | None = None, out_dir: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (), console: Console | None = None,
+) -> dict:
+    """Evaluate target (and against) on data_path; writes results.json, report.md and PNGs into out_dir."""
+    from transformers import set_seed
+
+    console = console or Console(soft_wrap=True)
+    target = _on_device(load_target(target_path))
+    settings = eval_settings(target.config.eval if target.config else EvalConfig(), overrides)
+    data_format = target.config.data.format if target.config else "auto"
+    examples = load_examples([data_path], data_format, "error", DataStats(), require_answer=False)
+    items = [_item(i, example) for i, example in enumerate(examples)][: settings.max_samples]
+    out = Path(out_dir) if out_dir else _default_out_dir(target_path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    models = {"target": target}
+    if against_path is not None:
+        models["against"] = _on_device(load_target(against_path))
+    sections, predictions = {}, {}
+    for role, model_target in models.items():
+        set_seed(settings.seed)
+        console.print(f"evaluating {role}: {model_target.name}")
+        sections[role], predictions[role] = _evaluate_model(model_target, items, settings)
+    results = _results(data_path, data_format, items, settings, sections, predictions)
+    _write(results, out, target_path, console)
+    return results
+
+
+def eval_settings(base: EvalConfig, overrides) -> EvalConfig:
+    """base with `eval.key=value` overrides applied; raises DsftError naming a bad key or value."""
+    from pydantic import ValidationError
+
+    raw = {"eval": base.model_dump(mode="json")}
+    for override in overrides:
+        if not override.startswith("eval."):
+            raise DsftError(f"--set {override!r}: dsft eval takes eval.* settings only")
+        apply_override(raw, override)
+    try:
+        return EvalConfig.model_validate(raw["eval"])
+    except ValidationError as exc:
+        problems = "; ".join(f"eval.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DsftError(f"invalid --set: {problems}") from None
+
+
+def _on_device(target: EvalTarget) -> EvalTarget:
+    import torch
+
+    if torch.cuda.is_available():
+        target.model.to("cuda")
+    return target
+
+
+def _item(index: int, example: Example) -> Item:
+    if example.text is not None:
+        return Item(index, (), None, example)
+    messages, reference = split_prompt_reference_optional(example)
+    return Item(index, messages, reference, example)
+
+
+def _default_out_dir(target_path: str) -> Path:
+    path = Path(target_path)
+    return path / "eval" if (path / "config.yaml").is_file() else Path(f"eval-{path.name or 'model'}")
+
+
+def _evaluate_model(target: EvalTarget, items: list[Item], settings: EvalConfig) -> tuple[dict, list[str | None]]:
+    chat = [item for item in items if item.messages]
+    settings_decode = DecodeSettings(max_new_tokens=settings.max_new_tokens)
+    prompts = [prompt_ids(item.messages, target.template, target.tokenizer) for item in chat]
+    replies = generate_batch(target.model, target.tokenizer, prompts, settings_decode, settings.batch_size) if chat else []
+    answers = {item.index: split_reasoning(reply)[1] for item, reply in zip(chat, replies)}
+    predictions = [answers.get(item.index) for item in items]
+    scored = score_generations(
+        [answers[item.index] for item in chat], [item.reference for item in chat],
+        [item.messages[-1].content for item in chat], settings,
+    )
+    section = {
+        "name": target.name,
+        "identity": target.identity,
+        "metrics": dict(scored.corpus),
+        "ci": {name: list(bounds) for name, bounds in scored.ci.items()},
+        "unavailable": dict(scored.unavailable),
+        "notes": list(scored.notes),
+        "per_example": _spread(scored.per_example, chat, len(items)),
+        "output_lengths_tokens": [len(ids) for ids in target.tokenizer(replies, add_special_tokens=False)["input_ids"]] if replies else [],
+        "prompt_texts": [_rendered(item, target) for item in items],
+    }
+    if not chat:
+        section["unavailable"]["generation"] = "the data holds text records only: no prompts to answer"
+    _add_perplexity(section, target, items, settings)
+    if prompts:
+        section["speed"] = measure_speed(target.model, prompts, target.tokenizer.pad_token_id,
+                                         settings.speed_batch_size, settings.speed_new_tokens)
+    return section, predictions
+
+
+def _rendered(item: Item, target: EvalTarget) -> str | None:
+    """The exact prompt text the model was given (None for a text record, which is only scored)."""
+    if not item.messages:
+        return None
+    return "".join(segment.text for segment in render_prompt(item.messages, target.template, target.tokenizer))
+
+
+def _spread(per_example: dict, chat: list[Item], count: int) -> dict:
+    """Per-example scores indexed like all items (None for text items)."""
+    spread = {}
+    for name, scores in per_example.items():
+        values: list = [None] * count
+        for item, score in zip(chat, scores):
+            values[item.index] = score
+        spread[name] = values
+    return spread
+
+
+def _add_perplexity(section: dict, target: EvalTarget, items: list[Item], settings: EvalConfig) -> None:
+    if "perplexity" not in settings.metrics:
+        return
+    rows = [row for row in (_perplexity_row(item, target) for item in items) if row is not None]
+    result = perplexity(target.model, rows, target.tokenizer.pad_token_id, settings.batch_size) if rows else None
+    if result is None:
+        section["unavailable"]["perplexity"] = "no reference answers or text to score"
+        return
+    section["metrics"]["perplexity"] = result.value
+    section["perplexity_tokens"] = result.target_tokens
+
+
+def _perplexity_row(item: Item, target: EvalTarget) -> dict | None:
+    """Ids and labels scoring the reference answer given its prompt (or a whole text record)."""
+    if item.example.text is not None:
+        segments = render_text(item.example.text, target.tokenizer)
+    elif item.reference is not None:
+        segments = render_conversation(item.example.messages, target.template, target.tokenizer, "final_assistant")
+    else:
+        return None
+    input_ids, labels = encode_segments(segments, target.tokenizer)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _results(data_path, data_format, items, settings, sections, predictions) -> dict:
+    data_bytes = Path(data_path).read_bytes()
+    results = {
+        "dsft_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data": {"path": str(data_path), "sha256": hashlib.sha256(data_bytes).hexdigest(), "format": data_format,
+                 "examples": len(items), "with_reference": sum(item.reference is not None for item in items)},
+        "decoding": {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "batch_size": settings.batch_size,
+                     "seed": settings.seed},
+        "settings": settings.model_dump(mode="json"),
+        "notes": sections["target"]["notes"],
+        "models": sections,
+        "examples": _examples(items, predictions, sections),
+    }
+    if "against" in sections:
+        results.update(_compare(sections, settings.examples_listed))
+    for section in sections.values():
+        # Both live on in results["examples"], example by example.
+        for key in ("notes", "per_example", "prompt_texts"):
+            section.pop(key)
+    return results
+
+
+def _examples(items: list[Item], predictions: dict, sections: dict) -> list[dict]:
+    rows = []
+    for item in items:
+        row = {"index": item.index, "prompt": item.messages[-1].content if item.messages else item.example.text,
+               "reference": item.reference,
+               "rendered_prompt": {role: section["prompt_texts"][item.index] for role, section in sections.items()}}
+        for role in sections:
+            row[role] = predictions[role][item.index]
+        row["scores"] = {role: {name: scores[item.index] for name, scores in section["per_example"].items()}
+                         for role, section in sections.items()}
+        rows.append(row)
+    return rows
+
+
+def _compare(sections: dict, listed: int) -> dict:
+    target, against = sections["target"], sections["against"]
+    differences = {name: value - against["metrics"][name] for name, value in target["metrics"].items()
+                   if name in against["metrics"]}
+    metric = next((name for name in _WIN_METRICS if name in target["per_example"]), None)
+    if metric is None:
+        return {"differences": differences, "won": [], "lost": []}
+    gains = [(t - a, i) for i, (t, a) in enumerate(zip(target["per_example"][metric], against["per_example"][metric]))
+             if t is not None and a is not None and t != a]
+    won = [i for gain, i in sorted(gains, key=lambda g: (-g[0], g[1])) if gain > 0][:listed]
+    lost = [i for gain, i in sorted(gains, key=lambda g: (g[0], g[1])) if gain < 0][:listed]
+    return {"differences": differences, "won": won, "lost": lost, "won_lost_metric": metric}
+
+
+def _write(results: dict, out: Path, target_path: str, console: Console) -> None:
+    plots = []
+    metrics_file = Path(target_path) / "metrics.jsonl"
+    for name, draw in (("loss_curves.png", lambda p: plot_loss_curves(metrics_file, p)),
+                       ("metrics.png", lambda p: plot_metric_bars(results, p)),
+                       ("output_lengths.png", lambda p: plot_length_distribution(results, p))):
+        if draw(out / name):
+            plots.append(name)
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = write_report(results, out, plots)
+    print_summary(results, console)
+    console.print(f"wrote {out / 'results.json'}, {report} and {len(plots)} plots")
