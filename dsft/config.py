@@ -231,6 +231,8 @@ class EvalConfig(_Section):
     """Prompts per generation batch."""
     max_samples: int | None = Field(None, ge=1)
     """Score at most this many prompts."""
+    task: Literal["generation", "classification"] = "generation"
+    """classification: the reference answers are labels; adds accuracy, macro/micro F1, per-class scores and a confusion matrix."""
     metrics: list[Literal["exact_match", "f1", "bleu", "chrf", "rouge", "perplexity"]] = [
         "exact_match", "f1", "bleu", "chrf", "rouge", "perplexity"]
     """Metrics of dsft eval (and of generate_files during training); semantic similarity and checks come on top."""

@@ -21,6 +21,7 @@ from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_o
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Example, Message
 from dsft.errors import DsftError
+from dsft.eval.classification import bootstrap_intervals, classification_report, plot_confusion_matrix
 from dsft.eval.perplexity import perplexity
 from dsft.eval.report import plot_length_distribution, plot_loss_curves, plot_metric_bars, print_summary, write_report
 from dsft.eval.speed import measure_speed
@@ -131,6 +132,8 @@ def _evaluate_model(target: EvalTarget, items: list[Item], settings: EvalConfig)
     }
     if not chat:
         section["unavailable"]["generation"] = "the data holds text records only: no prompts to answer"
+    if settings.task == "classification":
+        _add_classification(section, [answers[item.index] for item in chat], [item.reference for item in chat], settings)
     _add_perplexity(section, target, items, settings)
     if prompts:
         section["speed"] = measure_speed(target.model, prompts, target.tokenizer.pad_token_id,
@@ -143,6 +146,17 @@ def _rendered(item: Item, target: EvalTarget) -> str | None:
     if not item.messages:
         return None
     return "".join(segment.text for segment in render_prompt(item.messages, target.template, target.tokenizer))
+
+
+def _add_classification(section: dict, answers: list[str], references: list[str | None], settings: EvalConfig) -> None:
+    if not any(reference is not None for reference in references):
+        section["unavailable"]["classification"] = "the data has no reference labels"
+        return
+    report = classification_report(answers, references)
+    section["classification"] = report
+    section["metrics"].update(accuracy=report["accuracy"], macro_f1=report["macro_f1"])
+    section["ci"].update(bootstrap_intervals(answers, references, settings.bootstrap_resamples, settings.seed,
+                                             settings.confidence))
 
 
 def _spread(per_example: dict, chat: list[Item], count: int) -> dict:
@@ -234,9 +248,14 @@ def _compare(sections: dict, listed: int) -> dict:
 def _write(results: dict, out: Path, target_path: str, console: Console) -> None:
     plots = []
     metrics_file = Path(target_path) / "metrics.jsonl"
-    for name, draw in (("loss_curves.png", lambda p: plot_loss_curves(metrics_file, p)),
-                       ("metrics.png", lambda p: plot_metric_bars(results, p)),
-                       ("output_lengths.png", lambda p: plot_length_distribution(results, p))):
+    drawings = [("loss_curves.png", lambda p: plot_loss_curves(metrics_file, p)),
+                ("metrics.png", lambda p: plot_metric_bars(results, p)),
+                ("output_lengths.png", lambda p: plot_length_distribution(results, p))]
+    for role, section in results["models"].items():
+        if "classification" in section:
+            drawings.append((f"confusion_{role}.png",
+                             lambda p, s=section, r=role: plot_confusion_matrix(s["classification"], f"{r}: {s['name']}", p)))
+    for name, draw in drawings:
         if draw(out / name):
             plots.append(name)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from dsft.eval.classification import classification_markdown
+
 ROLES = ("target", "against")
 ROLE_COLORS = {"target": "tab:blue", "against": "tab:orange"}
 HUNDRED_SCALE_METRICS = ("bleu", "chrf")
@@ -432,7 +434,8 @@ def render_report(results: dict, out_dir: Path, plots: list[str]) -> str:
     created = results.get("created", MISSING)
     lines = ["# Evaluation report", "", f"dsft {results.get('dsft_version', MISSING)}, {created}", ""]
     lines += _data_section(results.get("data", {})) + _models_section(results) + _decoding_section(results)
-    lines += _metrics_section(results) + _speed_section(results) + _plots_section(plots, Path(out_dir))
+    lines += _metrics_section(results) + classification_markdown(results)
+    lines += _speed_section(results) + _plots_section(plots, Path(out_dir))
     if "against" in results["models"]:
         lines += _examples_section(results, "won", "Won: target better than against")
         lines += _examples_section(results, "lost", "Lost: target worse than against")

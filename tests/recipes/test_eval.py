@@ -110,3 +110,16 @@ def test_training_logs_eval_metrics_at_eval_steps(tmp_path, tiny_data):
     records = [r for r in read_metrics(run_dir) if "eval_perplexity" in r]
     assert [r["step"] for r in records] == [2, 4, 4]  # steps 2 and 4, then the final evaluation
     assert all(r["eval_perplexity"] > 1.0 and 0.0 <= r["eval_exact_match"] <= 1.0 and "eval_bleu" in r for r in records)
+
+
+def test_classification_task_adds_labels_metrics_and_confusion_matrix(runs, tmp_path):
+    data = tmp_path / "labels.jsonl"
+    rows = [("Is 5000 m more than 4 km? Answer yes or no.", "yes"), ("Is 3 kg more than 4000 g? Answer yes or no.", "no")] * 3
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in rows), encoding="utf-8")
+    results = run_eval(str(runs["trained"]), str(data), None, str(tmp_path / "out"), [*FAST, "eval.task=classification"])
+    target = results["models"]["target"]
+    report = target["classification"]
+    assert set(report["per_class"]) == {"yes", "no"} and sum(sum(row) for row in report["confusion_matrix"]) == 6
+    assert target["metrics"]["accuracy"] == report["accuracy"] and "macro_f1" in target["ci"]
+    assert (tmp_path / "out" / "confusion_target.png").is_file()
+    assert "## Classification: target" in (tmp_path / "out" / "report.md").read_text()
