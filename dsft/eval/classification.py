@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def bootstrap_intervals(predictions: Sequence[str], references: Sequence[str], r
         return {}
     values: dict[str, list[float]] = {"accuracy": [], "macro_f1": []}
     for indices in resample_indices(len(pairs), resamples, seed):
-        report = classification_report([pairs[i][0] for i in indices], [pairs[i][1] for i in indices])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a resample may hold a single label; that is fine here
+            report = classification_report([pairs[i][0] for i in indices], [pairs[i][1] for i in indices])
         for name in values:
             values[name].append(report[name])
     tail = (1 - confidence) / 2 * 100
