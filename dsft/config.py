@@ -222,7 +222,7 @@ class CheckConfig(_Section):
 
 class EvalConfig(_Section):
     generate_files: list[str] = []
-    """Held-out prompts with reference answers (any data format); scored by exact match of greedy output."""
+    """Held-out prompts with answers (any format): exact match before and after training, eval metrics at each eval step."""
     before_training: bool = True
     """Also score the model before training, to show what fine-tuning changed."""
     max_new_tokens: int = Field(64, ge=1)

@@ -24,7 +24,11 @@ def normalize_label(text: str) -> str:
 
 def classification_report(predictions: Sequence[str], references: Sequence[str]) -> dict:
     """Metrics of predicted labels against reference labels (pairs with a None reference are left out)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     pairs = [(p, r) for p, r in zip(predictions, references) if r is not None]
     labels = sorted({normalize_label(r) for _, r in pairs})

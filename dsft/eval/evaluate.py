@@ -21,13 +21,28 @@ from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_o
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Example, Message
 from dsft.errors import DsftError
-from dsft.eval.classification import bootstrap_intervals, classification_report, plot_confusion_matrix
+from dsft.eval.classification import (
+    bootstrap_intervals,
+    classification_report,
+    plot_confusion_matrix,
+)
 from dsft.eval.perplexity import perplexity
-from dsft.eval.report import plot_length_distribution, plot_loss_curves, plot_metric_bars, print_summary, write_report
+from dsft.eval.report import (
+    plot_length_distribution,
+    plot_loss_curves,
+    plot_metric_bars,
+    print_summary,
+    write_report,
+)
 from dsft.eval.speed import measure_speed
 from dsft.eval.targets import EvalTarget, load_target
 from dsft.eval.text_metrics import score_generations
-from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
+from dsft.serve.generate import (
+    DecodeSettings,
+    generate_batch,
+    prompt_ids,
+    split_reasoning,
+)
 
 # Per-example metric that decides which model won an example, first one available.
 _WIN_METRICS = ("f1", "exact_match", "rougeL", "chrf")

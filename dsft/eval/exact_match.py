@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dsft.data.formats import Example
 from dsft.data.dataset import split_prompt_reference
-from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
+from dsft.data.formats import Example
+from dsft.eval.text_metrics import exact_match
+from dsft.serve.generate import (
+    DecodeSettings,
+    generate_batch,
+    prompt_ids,
+    split_reasoning,
+)
 
 
 @dataclass
@@ -17,11 +22,6 @@ class ExactMatchResult:
     count: int
     samples: list[dict] = field(default_factory=list)
     """A few (prompt, reference, prediction) triples for the log."""
-
-
-def normalize_answer(text: str) -> str:
-    """Whitespace-insensitive comparison form of an answer."""
-    return re.sub(r"\s+", " ", text).strip()
 
 
 def score_exact_match(
@@ -37,7 +37,7 @@ def score_exact_match(
     hits, samples = 0, []
     for (messages, reference), reply in zip(pairs, replies):
         answer = split_reasoning(reply)[1]
-        hits += normalize_answer(answer) == normalize_answer(reference)
+        hits += exact_match(answer, reference)  # the SQuAD-style match of dsft eval
         if len(samples) < 5:
             samples.append({"prompt": messages[-1].content, "reference": reference, "prediction": answer})
     return ExactMatchResult(accuracy=hits / max(len(pairs), 1), count=len(pairs), samples=samples)

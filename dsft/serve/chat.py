@@ -9,7 +9,13 @@ from rich.console import Console
 
 from dsft.data.formats import Message
 from dsft.models.load import load_run
-from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning, stream_reply
+from dsft.serve.generate import (
+    DecodeSettings,
+    generate_batch,
+    prompt_ids,
+    split_reasoning,
+    stream_reply,
+)
 
 
 def _start(run_dir: Path, seed: int):

@@ -27,7 +27,12 @@ from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
-from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
+from dsft.train.callbacks import (
+    METRICS_FILE,
+    MetricsCallback,
+    RichProgressCallback,
+    truncate_log,
+)
 from dsft.train.checkpoints import newest_good_checkpoint
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
@@ -195,7 +200,11 @@ class _Guards:
 
 
 def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        EarlyStoppingCallback,
+        PrinterCallback,
+    )
 
     train = config.train
     if train.early_stopping_patience is not None and not validation_rows:

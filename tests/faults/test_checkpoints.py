@@ -6,7 +6,12 @@ import shutil
 import pytest
 import torch
 
-from dsft.train.checkpoints import checkpoint_problem, list_checkpoints, rotate, write_manifest
+from dsft.train.checkpoints import (
+    checkpoint_problem,
+    list_checkpoints,
+    rotate,
+    write_manifest,
+)
 
 from .conftest import fault_env, make_config, per_step, run_dsft, weights
 

@@ -5,7 +5,15 @@ import subprocess
 
 import torch
 
-from .conftest import dsft_command, ledger, make_config, per_step, run_dsft, wait_for, weights
+from .conftest import (
+    dsft_command,
+    ledger,
+    make_config,
+    per_step,
+    run_dsft,
+    wait_for,
+    weights,
+)
 
 STEPS = 20
 

@@ -2,7 +2,13 @@
 
 import pytest
 
-from dsft.eval.classification import OTHER, bootstrap_intervals, classification_report, normalize_label, plot_confusion_matrix
+from dsft.eval.classification import (
+    OTHER,
+    bootstrap_intervals,
+    classification_report,
+    normalize_label,
+    plot_confusion_matrix,
+)
 
 PREDICTIONS = ["positive", "Negative.", "neutral", "positive", "maybe", "x"]
 REFERENCES = ["positive", "negative", "negative", "positive", "neutral", None]

@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsft.config import RunConfig, apply_override, dump_config, load_config, validate_config, validate_files
+from dsft.config import (
+    RunConfig,
+    apply_override,
+    dump_config,
+    load_config,
+    validate_config,
+    validate_files,
+)
 from dsft.errors import DsftError
 
 MINIMAL = "model:\n  preset: tiny-llama\ndata:\n  train_files: train.jsonl\n"

@@ -2,7 +2,13 @@
 
 import pytest
 
-from dsft.data.chat import Segment, render_conversation, render_prompt, render_text, resolve_template
+from dsft.data.chat import (
+    Segment,
+    render_conversation,
+    render_prompt,
+    render_text,
+    resolve_template,
+)
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
 from dsft.errors import DsftError

@@ -2,7 +2,6 @@
 
 import torch
 
-from dsft.eval.exact_match import normalize_answer
 from dsft.serve.generate import DecodeSettings, pad_left, split_reasoning
 
 
@@ -10,12 +9,6 @@ def test_split_reasoning():
     assert split_reasoning("5 x 1000 = 5000.\n</think>\n\n5000 m") == ("5 x 1000 = 5000.", "5000 m")
     assert split_reasoning("<think>\nhm\n</think>\n\n42") == ("hm", "42")
     assert split_reasoning("  42 \n") == (None, "42")
-
-
-def test_normalize_answer_ignores_whitespace_only():
-    assert normalize_answer("  37000\n") == "37000"
-    assert normalize_answer("a  b\tc") == "a b c"
-    assert normalize_answer("A") != normalize_answer("a")
 
 
 def test_greedy_by_default_and_sampling_flags_only_when_sampling():
