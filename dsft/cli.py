@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Prepare and inspect data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 SetOption = Annotated[
     list[str], typer.Option("--set", help="Override a config key: --set train.learning_rate=1e-4 (repeatable).")
@@ -99,6 +101,31 @@ def chat(
     from dsft.serve.chat import chat_loop
 
     chat_loop(run, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Annotated[Path, typer.Argument(help="Data preparation config YAML.")],
+    set_: SetOption = [],
+) -> None:
+    """Clean, filter, deduplicate, mask, split and version raw data, with a report."""
+    from dsft.config import load_yaml_model
+    from dsft.data.prepare import run_prepare
+    from dsft.data.prepare_config import PrepareConfig
+
+    run_prepare(load_yaml_model(config, PrepareConfig, set_))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[Path, typer.Argument(help="A data file (jsonl, json, csv, parquet) or datasets directory.")],
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for token lengths; default: characters.")] = None,
+    samples: Annotated[int, typer.Option(help="Sample records to print.")] = 3,
+) -> None:
+    """Counts, the format found, length statistics and sample records of a data file."""
+    from dsft.data.inspect import inspect_file
+
+    inspect_file(str(file), tokenizer, samples)
 
 
 @config_app.command("show")

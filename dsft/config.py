@@ -450,10 +450,10 @@ def _parse_yaml(text: str, path: Path) -> dict:
     return raw
 
 
-def _describe(err: dict, yaml_text: str | None) -> str:
+def _describe(err: dict, yaml_text: str | None, root: type[BaseModel] | None = None) -> str:
     where = _where(err["loc"], yaml_text)
     if err["type"] == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(err["loc"][:-1]))
+        allowed = ", ".join(_allowed_keys(err["loc"][:-1], root or RunConfig))
         return f"{where}: unknown key; allowed here: {allowed}"
     if err["type"] == "missing":
         return f"{where}: required key is missing"
@@ -472,8 +472,8 @@ def _where(loc: tuple, yaml_text: str | None) -> str:
     return f"{key} (line {line})" if line else key
 
 
-def _allowed_keys(parent_loc: tuple) -> list[str]:
-    model: type[BaseModel] = RunConfig
+def _allowed_keys(parent_loc: tuple, root: type[BaseModel]) -> list[str]:
+    model = root
     for part in parent_loc:
         annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -499,6 +499,23 @@ def _yaml_line(yaml_text: str | None, loc: list[str]) -> int | None:
             break
         line, node = match[0].start_mark.line + 1, match[1]
     return line
+
+
+def load_yaml_model(path: str | Path, model: type[BaseModel], overrides=()) -> BaseModel:
+    """Read a YAML file into another typed config (e.g. data preparation), with the run config's rules:
+    --set overrides, ${NAME} references, errors naming the key path and line. Raises DsftError."""
+    path = Path(path)
+    text = _read_text(path)
+    raw = _parse_yaml(text, path)
+    for override in overrides:
+        apply_override(raw, override)
+    expanded, _, problems = expand_env_references(raw)
+    if problems:
+        raise _invalid(str(path), [f"{_where(loc, text)}: {problem}" for loc, problem in problems])
+    try:
+        return model.model_validate(expanded)
+    except ValidationError as exc:
+        raise _invalid(str(path), [_describe(err, text, model) for err in exc.errors()]) from None
 
 
 def validate_files(paths) -> bool:

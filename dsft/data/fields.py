@@ -51,6 +51,11 @@ def texts(record: dict, fmt: str) -> list[str]:
     return [_get(record, path) for path in text_paths(record, fmt)]
 
 
+def record_text(record: dict, fmt: str) -> str:
+    """All text of a record joined by newlines: what dedup, filters and the contamination check read."""
+    return "\n".join(texts(record, fmt))
+
+
 def map_texts(record: dict, fmt: str, function: Callable[[str], str]) -> dict:
     """A copy of record with function applied to every text string (the input record is not changed)."""
     out = copy.deepcopy(record)

@@ -1,0 +1,233 @@
+"""`dsft data prepare`, top to bottom: read -> record steps -> split -> contamination -> train steps -> write -> report.
+
+Records stream from the input files into an Arrow table on disk (memory-mapped by `datasets`),
+record steps run over it in parallel where they are independent (clean, filters, PII, chunking)
+and in one ordered pass where order matters (dedup keeps the first of each cluster). Only
+indexes, hashes and labels are held in memory, so inputs may be larger than memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+
+from dsft.data.balance import class_distribution, rebalance_indices
+from dsft.data.dataset import DataStats
+from dsft.data.dedup import DuplicateFinder
+from dsft.data.fields import record_text
+from dsft.data.fingerprint import Fingerprint, write_fingerprint
+from dsft.data.formats import detect_format, to_example
+from dsft.data.prepare_config import AugmentStep, BalanceStep, DedupStep, PrepareConfig
+from dsft.data.prepare_report import write_prepare_report
+from dsft.data.prepare_steps import RecordPipeline
+from dsft.data.read import read_records
+from dsft.data.split import find_contamination, split_indices
+from dsft.errors import DsftError
+
+SPLITS = ("train", "validation", "test")
+DUPLICATE_EXAMPLES = 5
+
+
+def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
+    """Prepare the configured inputs into output_dir; returns the report dict (also written as report.json)."""
+    console = console or Console(soft_wrap=True)
+    started_s = time.perf_counter()
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(config)
+    with tempfile.TemporaryDirectory(prefix="dsft-prepare-") as cache_dir:
+        table, fmt, report = _read(config, cache_dir)
+        console.print(f"read {report['records_in']:,} records ({fmt}), skipped {report['skipped_bad']:,} bad")
+        table = _record_steps(table, config, fmt, tokenizer, report, cache_dir)
+        splits = _split(table, config, fmt, report)
+        splits["train"] = _train_steps(table, splits["train"], config, fmt, report)
+        _write_outputs(table, splits, config, fmt, tokenizer, out_dir, report)
+    report["seconds"] = round(time.perf_counter() - started_s, 2)
+    report["records_per_second"] = round(report["records_in"] / max(report["seconds"], 1e-9), 1)
+    written = write_prepare_report(report, out_dir)
+    console.print(f"wrote {', '.join(str(p) for p in written)}; {report['records_per_second']:,} records/s")
+    return report
+
+
+def _tokenizer(config: PrepareConfig):
+    if config.tokenizer is None:
+        return None
+    from dsft.models.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(config.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise DsftError(f"tokenizer: cannot load {config.tokenizer!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _read(config: PrepareConfig, cache_dir: str):
+    """Validated raw records into an Arrow table (record as JSON text, source as file:line)."""
+    from datasets import Dataset
+
+    stats, counts, fmt_box = DataStats(), Counter(), {"format": None if config.format == "auto" else config.format}
+
+    def generate():
+        for path in config.inputs:
+            for record in read_records(path, on_bad_record=stats.add_skip if config.on_error == "skip" else None):
+                counts[path] += 1
+                if fmt_box["format"] is None:
+                    fmt_box["format"] = detect_format(record)
+                if _valid(record, fmt_box["format"], config, stats):
+                    yield {"record": json.dumps(record.data, ensure_ascii=False), "source": record.source}
+
+    table = Dataset.from_generator(generate, cache_dir=cache_dir)
+    report = {"inputs": [{"path": p, "records": counts[p]} for p in config.inputs], "format": fmt_box["format"],
+              "tokenizer": config.tokenizer, "records_in": sum(counts.values()) + stats.skipped_bad,
+              "skipped_bad": stats.skipped_bad, "skip_reasons": stats.skip_reasons, "steps": [], "train_steps": []}
+    if fmt_box["format"] is None:
+        raise DsftError(f"inputs: no records in {', '.join(config.inputs)}")
+    return table, fmt_box["format"], report
+
+
+def _valid(record, fmt: str, config: PrepareConfig, stats: DataStats) -> bool:
+    try:
+        to_example(record, fmt)
+        return True
+    except DsftError as error:
+        if config.on_error != "skip":
+            raise
+        stats.add_skip(error)
+        return False
+
+
+def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dict, cache_dir: str):
+    """Run the record steps in order: runs of independent steps as one parallel map, dedup as an ordered pass."""
+    segment: list = []
+    for position, step in enumerate([*config.steps, None]):
+        if step is not None and not isinstance(step, DedupStep):
+            segment.append((position, step))
+            continue
+        if segment:
+            table = RecordPipeline(segment, fmt, tokenizer).run(table, config.num_proc, report)
+            segment = []
+        if isinstance(step, DedupStep):
+            table = _dedup(table, step, fmt, report)
+    return table
+
+
+def _dedup(table, step: DedupStep, fmt: str, report: dict):
+    finder, kept, examples = DuplicateFinder(step), [], []
+    removed: Counter = Counter()
+    sources = table["source"]
+    for index, row in enumerate(table.select_columns(["record"]).iter(batch_size=1)):
+        hit = finder.add(index, record_text(json.loads(row["record"][0]), fmt))
+        if hit is None:
+            kept.append(index)
+            continue
+        removed[hit[1]] += 1
+        if len(examples) < DUPLICATE_EXAMPLES:
+            examples.append({"removed": sources[index], "kept": sources[hit[0]], "kind": hit[1]})
+    report["steps"].append({"step": "dedup", "in": len(table), "out": len(kept), "removed": dict(removed)})
+    report["duplicates"] = report.get("duplicates", []) + examples
+    return table.select(kept)
+
+
+def _column(table, fmt: str, field: str | None) -> list | None:
+    if field is None:
+        return None
+    values = [json.loads(text).get(field) for text in table["record"]]
+    return [None if value is None else str(value) for value in values]
+
+
+def _split(table, config: PrepareConfig, fmt: str, report: dict) -> dict[str, list[int]]:
+    split = config.split
+    splits = split_indices(len(table), split.validation_ratio, split.test_ratio, split.seed,
+                           labels=_column(table, fmt, split.stratify_field), groups=_column(table, fmt, split.group_field))
+    texts = [record_text(json.loads(text), fmt) for text in table["record"]]
+    leaks = find_contamination([texts[i] for i in splits["train"]],
+                               {name: [texts[i] for i in splits[name]] for name in ("validation", "test")},
+                               split.contamination_ngram)
+    sources = table["source"]
+    report["contamination"] = {
+        "found": len(leaks), "dropped": len(leaks) if split.drop_contaminated else 0,
+        # A leak's index is its position in the split it was found in.
+        "examples": [{"split": leak.split, "source": sources[splits[leak.split][leak.index]], "kind": leak.kind,
+                      "overlap": round(leak.overlap, 3)} for leak in leaks[:DUPLICATE_EXAMPLES]],
+    }
+    if split.drop_contaminated:
+        leaked = {(leak.split, leak.index) for leak in leaks}
+        for name in ("validation", "test"):
+            splits[name] = [index for position, index in enumerate(splits[name]) if (name, position) not in leaked]
+    return splits
+
+
+def _train_steps(table, train: list[int], config: PrepareConfig, fmt: str, report: dict) -> list:
+    """Balance and augment the training split; returns train rows as table indexes or augmented records."""
+    rows: list = list(train)
+    labels_all = _column(table, fmt, config.label_field)
+    report["balance"] = None
+    if labels_all is not None:
+        report["balance"] = {"before": class_distribution([labels_all[i] for i in train])}
+    rng = random.Random(config.split.seed)
+    for step in config.train_steps:
+        before = len(rows)
+        if isinstance(step, BalanceStep):
+            rows = _balance(rows, labels_all, step, config)
+            report["train_steps"].append({"step": "balance", "in": before, "out": len(rows),
+                                          "removed": {"undersampled": max(before - len(rows), 0)}})
+        elif isinstance(step, AugmentStep):
+            rows = rows + _augmented(table, rows, step, fmt, rng)
+            report["train_steps"].append({"step": "augment", "in": before, "out": len(rows), "added": len(rows) - before})
+    if labels_all is not None:
+        report["balance"]["after"] = class_distribution([_label(table, row, labels_all, config) for row in rows])
+    return rows
+
+
+def _balance(rows: list, labels_all: list | None, step: BalanceStep, config: PrepareConfig) -> list:
+    if labels_all is None:
+        raise DsftError("train_steps: balance needs label_field, the field that holds each record's class")
+    indexes = [row for row in rows if isinstance(row, int)]
+    chosen = rebalance_indices([labels_all[i] for i in indexes], step.max_ratio, step.method, config.split.seed)
+    return [indexes[i] for i in chosen]
+
+
+def _label(table, row, labels_all: list, config: PrepareConfig):
+    if isinstance(row, int):
+        return labels_all[row]
+    value = row.get(config.label_field)
+    return None if value is None else str(value)
+
+
+def _augmented(table, rows: list, step: AugmentStep, fmt: str, rng: random.Random) -> list[dict]:
+    from dsft.data.augment import augment_record, load_function, load_synonyms
+
+    synonyms = load_synonyms(step.synonyms_file) if step.synonyms_file else {}
+    back = load_function(step.back_translation, "train_steps.augment.back_translation") if step.back_translation else None
+    out = []
+    for row in rows:
+        record = json.loads(table[row]["record"]) if isinstance(row, int) else row
+        out += [augment_record(record, fmt, step, rng, synonyms, back) for _ in range(step.copies)]
+    return out
+
+
+def _write_outputs(table, splits: dict, config: PrepareConfig, fmt: str, tokenizer, out_dir: Path, report: dict) -> None:
+    report["splits"], report["outputs"], report["token_lengths"] = {}, {}, {}
+    for name in SPLITS:
+        path = out_dir / f"{name}.jsonl"
+        digest, lengths = Fingerprint(), []
+        with open(path, "w", encoding="utf-8") as f:
+            for row in splits[name]:
+                record = json.loads(table[row]["record"]) if isinstance(row, int) else row
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                digest.update(record)
+                lengths.append(_length(record_text(record, fmt), tokenizer))
+        write_fingerprint(path, digest.hexdigest(), digest.count)
+        report["splits"][name] = digest.count
+        report["outputs"][name] = {"path": str(path), "records": digest.count, "sha256": digest.hexdigest()}
+        report["token_lengths"][name] = lengths
+
+
+def _length(text: str, tokenizer) -> int:
+    return len(text) if tokenizer is None else len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
