@@ -8,12 +8,9 @@ extended to Chinese (full-width punctuation removed, each Han character one toke
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import numbers
 import re
 import string
-import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -27,6 +24,7 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
 from dsft.errors import DsftError
+from dsft.userfunc import load_function
 
 if TYPE_CHECKING:
     from dsft.config import CheckConfig, EvalConfig
@@ -339,7 +337,10 @@ def load_checks(checks: Sequence[CheckConfig], reserved: Collection[str] = ()) -
         key = f"eval.checks[{i}]"
         if check.name in reserved or any(other.name == check.name for other in loaded):
             raise DsftError(f"{key}.name: {check.name!r} is already a metric name; give the check another name")
-        function = _regex_check(check.regex, key) if check.regex is not None else _python_check(check.python, key)
+        if check.regex is not None:
+            function = _regex_check(check.regex, key)
+        else:
+            function = load_function(check.python, f"{key}.python")
         loaded.append(Check(check.name, key, function))
     return loaded
 
@@ -350,40 +351,6 @@ def _regex_check(pattern: str, key: str) -> Callable[[str, str | None, str], boo
     except re.error as exc:
         raise DsftError(f"{key}.regex: not a valid Python regular expression: {exc}") from None
     return lambda answer, reference, prompt: compiled.search(answer) is not None
-
-
-def _python_check(spec: str, key: str) -> Callable:
-    location, sep, function_name = spec.rpartition(":")
-    if not sep or not location or not function_name:
-        raise DsftError(f"{key}.python: {spec!r} is not \"module:function\" or \"path/to/file.py:function\"")
-    module = _load_module_file(location, key) if location.endswith(".py") else _import_module(location, key)
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise DsftError(f"{key}.python: {location} has no function {function_name!r}")
-    return function
-
-
-def _import_module(name: str, key: str):
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # the user's module may fail any way while importing; report it as theirs
-        raise DsftError(f"{key}.python: cannot import {name}: {type(exc).__name__}: {exc}") from None
-
-
-def _load_module_file(path: str, key: str):
-    if not Path(path).is_file():
-        raise DsftError(f"{key}.python: file not found: {path}")
-    module_name = f"dsft_check_{key.replace('.', '_').replace('[', '_').replace(']', '')}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered before it runs, as importlib's recipe does: dataclasses and pickle look modules up there.
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file may fail any way while running; report it as theirs
-        del sys.modules[module_name]
-        raise DsftError(f"{key}.python: loading {path} failed: {type(exc).__name__}: {exc}") from None
-    return module
 
 
 def _score_check(
