@@ -36,7 +36,10 @@ DUPLICATE_EXAMPLES = 5
 
 def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
     """Prepare the configured inputs into output_dir; returns the report dict (also written as report.json)."""
+    import datasets
+
     console = console or Console(soft_wrap=True)
+    datasets.disable_progress_bars()  # the report gives the counts; per-map bars are noise
     started_s = time.perf_counter()
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,7 @@ def _tokenizer(config: PrepareConfig):
 def _read(config: PrepareConfig, cache_dir: str):
     """Validated raw records into an Arrow table (record as JSON text, source as file:line)."""
     from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
 
     stats, counts, fmt_box = DataStats(), Counter(), {"format": None if config.format == "auto" else config.format}
 
@@ -81,7 +85,17 @@ def _read(config: PrepareConfig, cache_dir: str):
                 if _valid(record, fmt_box["format"], config, stats):
                     yield {"record": json.dumps(record.data, ensure_ascii=False), "source": record.source}
 
-    table = Dataset.from_generator(generate, cache_dir=cache_dir)
+    # writer_batch_size bounds the records held in memory before they go to the Arrow file.
+    try:
+        table = Dataset.from_generator(generate, cache_dir=cache_dir, writer_batch_size=config.chunk_records)
+    except DatasetGenerationError as exc:
+        # datasets wraps what the generator raised; a bad record is the user's error, shown as such.
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, DsftError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
     report = {"inputs": [{"path": p, "records": counts[p]} for p in config.inputs], "format": fmt_box["format"],
               "tokenizer": config.tokenizer, "records_in": sum(counts.values()) + stats.skipped_bad,
               "skipped_bad": stats.skipped_bad, "skip_reasons": stats.skip_reasons, "steps": [], "train_steps": []}
@@ -109,25 +123,29 @@ def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dic
             segment.append((position, step))
             continue
         if segment:
-            table = RecordPipeline(segment, fmt, tokenizer).run(table, config.num_proc, report)
+            table = RecordPipeline(segment, fmt, tokenizer).run(table, config.num_proc, config.chunk_records, report)
             segment = []
         if isinstance(step, DedupStep):
-            table = _dedup(table, step, fmt, report)
+            table = _dedup(table, step, fmt, config.chunk_records, report)
     return table
 
 
-def _dedup(table, step: DedupStep, fmt: str, report: dict):
+def _dedup(table, step: DedupStep, fmt: str, batch_records: int, report: dict):
+    """One ordered pass: each record is compared with the kept records before it."""
     finder, kept, examples = DuplicateFinder(step), [], []
     removed: Counter = Counter()
     sources = table["source"]
-    for index, row in enumerate(table.select_columns(["record"]).iter(batch_size=1)):
-        hit = finder.add(index, record_text(json.loads(row["record"][0]), fmt))
-        if hit is None:
-            kept.append(index)
-            continue
-        removed[hit[1]] += 1
-        if len(examples) < DUPLICATE_EXAMPLES:
-            examples.append({"removed": sources[index], "kept": sources[hit[0]], "kind": hit[1]})
+    index = 0
+    for batch in table.select_columns(["record"]).iter(batch_size=batch_records):
+        for text in batch["record"]:
+            hit = finder.add(index, record_text(json.loads(text), fmt))
+            if hit is None:
+                kept.append(index)
+            else:
+                removed[hit[1]] += 1
+                if len(examples) < DUPLICATE_EXAMPLES:
+                    examples.append({"removed": sources[index], "kept": sources[hit[0]], "kind": hit[1]})
+            index += 1
     report["steps"].append({"step": "dedup", "in": len(table), "out": len(kept), "removed": dict(removed)})
     report["duplicates"] = report.get("duplicates", []) + examples
     return table.select(kept)

@@ -39,9 +39,9 @@ class RecordPipeline:
         self.scorers = {position: load_function(step.function, f"steps[{position}].function")
                         for position, step in segment if isinstance(step, ClassifierFilterStep)}
 
-    def run(self, table, num_proc: int, report: dict):
+    def run(self, table, num_proc: int, batch_records: int, report: dict):
         """Map the table through the steps; appends one report entry per step; returns the kept rows."""
-        mapped = table.map(self._batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+        mapped = table.map(self._batch, batched=True, batch_size=batch_records, num_proc=num_proc if num_proc > 1 else None,
                            remove_columns=table.column_names, desc=None)
         self._report(len(table), mapped, report)
         kept = mapped.filter(lambda dropped_at: dropped_at == KEPT, input_columns=["dropped_at"])

@@ -19,7 +19,9 @@ from rich.table import Table
 from dsft.config import EvalConfig, RunConfig, TrainConfig
 from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
+from dsft.data.fingerprint import Fingerprint
 from dsft.data.hf_templates import JINJA_TEMPLATES
+from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
@@ -105,6 +107,7 @@ def run_sft(
     after = _score(model, tokenizer, eval_examples, template, config.eval, console, "after training")
     summary = _summary(config, train_output, eval_loss, stats, counts, before, after, started_s, trainer)
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
+    summary["data_fingerprints"] = _data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size  # smaller than configured after auto_find_batch_size
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
@@ -131,6 +134,18 @@ def _generation_examples(config: RunConfig, console: Console) -> list:
     if stats.skipped_bad:
         console.print(f"eval data: skipped {stats.skipped_bad} bad records")
     return examples[: config.eval.max_samples] if config.eval.max_samples else examples
+
+
+def _data_fingerprints(data) -> dict[str, str]:
+    """sha256 over the canonical records of each training and validation file (as dsft data prepare writes beside
+    its outputs), so a run names exactly the data it learned from."""
+    fingerprints = {}
+    for path in [*data.train_files, *data.validation_files]:
+        digest = Fingerprint()
+        for record in read_records(path, on_bad_record=lambda error: None):
+            digest.update(record.data)
+        fingerprints[path] = digest.hexdigest()
+    return fingerprints
 
 
 def _with_references(examples: list) -> list:
