@@ -92,11 +92,21 @@ def nfkc(text: str, keep_fullwidth_punctuation: bool) -> str:
     return "".join(piece if i % 2 else unicodedata.normalize("NFKC", piece) for i, piece in enumerate(pieces))
 
 
+def _control_class() -> str:
+    """Every Cc/Cf character but newline and tab (the Basic Multilingual Plane, plus the tag characters)."""
+    codes = [c for c in range(0x10000) if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in _KEPT_CONTROLS]
+    return "[" + "".join(re.escape(chr(c)) for c in codes) + "\U000e0000-\U000e007f]"
+
+
+# A regex, not a loop over characters: this runs on every text field of every record.
+_CONTROL_PATTERN = re.compile(_control_class())
+
+
 def remove_control_chars(text: str) -> str:
     """Remove characters of Unicode categories Cc and Cf (zero-width space, BOM, soft hyphen, ...)
     except newline and tab; a carriage return becomes a newline first, so no line is joined."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(c for c in text if c in _KEPT_CONTROLS or unicodedata.category(c) not in ("Cc", "Cf"))
+    return _CONTROL_PATTERN.sub("", text)
 
 
 def to_fullwidth(text: str) -> str:

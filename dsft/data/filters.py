@@ -36,15 +36,21 @@ def length_reason(token_count: int, step: LengthFilterStep) -> str | None:
     return None
 
 
+# Character classes as regexes: counting with findall runs in C, a loop over characters does not
+# (this filter sees every record of the data).
+HAN_PATTERN = re.compile("[" + "".join(f"{chr(low)}-{chr(high)}" for low, high in HAN_RANGES) + "]")
+LATIN_PATTERN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff\uff21-\uff3a\uff41-\uff5a]")
+LETTER_PATTERN = re.compile(r"[^\W\d_]")
+
+
 def is_han(char: str) -> bool:
     """True for a Han (Chinese) ideograph."""
-    code = ord(char)
-    return any(low <= code <= high for low, high in HAN_RANGES)
+    return HAN_PATTERN.match(char) is not None
 
 
 def is_latin(char: str) -> bool:
     """True for a Latin-script letter (a-z, accented letters, full-width Latin)."""
-    return char.isalpha() and unicodedata.name(char, "").startswith(("LATIN ", "FULLWIDTH LATIN "))
+    return LATIN_PATTERN.match(char) is not None
 
 
 def language_shares(text: str) -> dict[str, float]:
@@ -53,12 +59,12 @@ def language_shares(text: str) -> dict[str, float]:
     Letters are the characters str.isalpha() accepts (Han ideographs included); kana, Cyrillic, ...
     count as letters of neither language.
     """
-    letters = [char for char in text if char.isalpha()]
-    if not letters:
+    letter_count = len(LETTER_PATTERN.findall(text))
+    if not letter_count:
         return {"zh": 0.0, "en": 0.0}
-    han_count = sum(1 for char in letters if is_han(char))
-    latin_count = sum(1 for char in letters if is_latin(char))
-    return {"zh": han_count / len(letters), "en": latin_count / len(letters)}
+    han_count = len(HAN_PATTERN.findall(text))
+    latin_count = len(LATIN_PATTERN.findall(text))
+    return {"zh": han_count / letter_count, "en": latin_count / letter_count}
 
 
 def language_reason(text: str, step: LanguageFilterStep) -> str | None:
@@ -94,9 +100,14 @@ def repetition_ratio(text: str) -> float:
     return (len(ngrams) - len(set(ngrams))) / len(ngrams)
 
 
-def _is_symbol(char: str) -> bool:
-    # Combining marks (category M*) belong to the letter before them, so they are not symbols.
-    return not (char.isalnum() or is_han(char) or unicodedata.category(char).startswith("M"))
+def _combining_marks() -> str:
+    return "".join(re.escape(chr(c)) for c in range(0x10000) if unicodedata.category(chr(c)).startswith("M"))
+
+
+# Symbols: neither word characters (letters, digits, Han), whitespace, nor combining marks, which
+# belong to the letter before them; "_" is a word character to the regex but a symbol here.
+SYMBOL_PATTERN = re.compile(f"[^\\w\\s{_combining_marks()}]|_")
+WHITESPACE_PATTERN = re.compile(r"\s")
 
 
 def symbol_ratio(text: str) -> float:
@@ -104,10 +115,10 @@ def symbol_ratio(text: str) -> float:
 
     Punctuation, Chinese punctuation included, counts as symbols.
     """
-    visible = [char for char in text if not char.isspace()]
-    if not visible:
+    visible_count = len(text) - len(WHITESPACE_PATTERN.findall(text))
+    if not visible_count:
         return 0.0
-    return sum(1 for char in visible if _is_symbol(char)) / len(visible)
+    return len(SYMBOL_PATTERN.findall(text)) / visible_count
 
 
 def quality_reason(text: str, answer: str | None, step: QualityFilterStep) -> str | None:

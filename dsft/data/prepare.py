@@ -49,8 +49,8 @@ def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
         console.print(f"read {report['records_in']:,} records ({fmt}), skipped {report['skipped_bad']:,} bad")
         table = _record_steps(table, config, fmt, tokenizer, report, cache_dir)
         splits = _split(table, config, fmt, report)
-        splits["train"] = _train_steps(table, splits["train"], config, fmt, report)
-        _write_outputs(table, splits, config, fmt, tokenizer, out_dir, report)
+        splits["train"], augments = _train_steps(table, splits["train"], config, report)
+        _write_outputs(table, splits, augments, config, fmt, tokenizer, out_dir, report)
     report["seconds"] = round(time.perf_counter() - started_s, 2)
     report["records_per_second"] = round(report["records_in"] / max(report["seconds"], 1e-9), 1)
     written = write_prepare_report(report, out_dir)
@@ -151,26 +151,41 @@ def _dedup(table, step: DedupStep, fmt: str, batch_records: int, report: dict):
     return table.select(kept)
 
 
-def _column(table, fmt: str, field: str | None) -> list | None:
+def _iter_records(table, batch_records: int):
+    """(row, record, source) in table order, one batch of JSON texts in memory at a time."""
+    row = 0
+    for batch in table.iter(batch_size=batch_records):
+        for text, source in zip(batch["record"], batch["source"]):
+            yield row, json.loads(text), source
+            row += 1
+
+
+def _field_values(table, field: str | None, batch_records: int) -> list | None:
+    """A top-level field of every record as text (None where missing): labels, groups."""
     if field is None:
         return None
-    values = [json.loads(text).get(field) for text in table["record"]]
+    values = [record.get(field) for _, record, _ in _iter_records(table, batch_records)]
     return [None if value is None else str(value) for value in values]
 
 
 def _split(table, config: PrepareConfig, fmt: str, report: dict) -> dict[str, list[int]]:
-    split = config.split
+    split, batch = config.split, config.chunk_records
     splits = split_indices(len(table), split.validation_ratio, split.test_ratio, split.seed,
-                           labels=_column(table, fmt, split.stratify_field), groups=_column(table, fmt, split.group_field))
-    texts = [record_text(json.loads(text), fmt) for text in table["record"]]
-    leaks = find_contamination([texts[i] for i in splits["train"]],
-                               {name: [texts[i] for i in splits[name]] for name in ("validation", "test")},
+                           labels=_field_values(table, split.stratify_field, batch),
+                           groups=_field_values(table, split.group_field, batch))
+    held_out = {row: name for name in ("validation", "test") for row in splits[name]}
+    others: dict[str, dict[int, str]] = {"validation": {}, "test": {}}
+    for row, record, _ in _iter_records(table, batch):
+        if row in held_out:
+            others[held_out[row]][row] = record_text(record, fmt)
+    train_rows = set(splits["train"])
+    train_texts = (record_text(record, fmt) for row, record, _ in _iter_records(table, batch) if row in train_rows)
+    leaks = find_contamination(train_texts, {name: [others[name][row] for row in splits[name]] for name in others},
                                split.contamination_ngram)
-    sources = table["source"]
     report["contamination"] = {
         "found": len(leaks), "dropped": len(leaks) if split.drop_contaminated else 0,
         # A leak's index is its position in the split it was found in.
-        "examples": [{"split": leak.split, "source": sources[splits[leak.split][leak.index]], "kind": leak.kind,
+        "examples": [{"split": leak.split, "source": table[splits[leak.split][leak.index]]["source"], "kind": leak.kind,
                       "overlap": round(leak.overlap, 3)} for leak in leaks[:DUPLICATE_EXAMPLES]],
     }
     if split.drop_contaminated:
@@ -180,70 +195,92 @@ def _split(table, config: PrepareConfig, fmt: str, report: dict) -> dict[str, li
     return splits
 
 
-def _train_steps(table, train: list[int], config: PrepareConfig, fmt: str, report: dict) -> list:
-    """Balance and augment the training split; returns train rows as table indexes or augmented records."""
-    rows: list = list(train)
-    labels_all = _column(table, fmt, config.label_field)
-    report["balance"] = None
-    if labels_all is not None:
-        report["balance"] = {"before": class_distribution([labels_all[i] for i in train])}
-    rng = random.Random(config.split.seed)
+def _train_steps(table, train: list[int], config: PrepareConfig, report: dict) -> tuple[list[int], list[AugmentStep]]:
+    """Balance the training rows (indexes, repeated when oversampled); augmentation happens while writing."""
+    labels = _field_values(table, config.label_field, config.chunk_records)
+    report["balance"] = None if labels is None else {"before": class_distribution([labels[i] for i in train])}
+    rows, augments = list(train), []
     for step in config.train_steps:
         before = len(rows)
         if isinstance(step, BalanceStep):
-            rows = _balance(rows, labels_all, step, config)
+            if labels is None:
+                raise DsftError("train_steps: balance needs label_field, the field that holds each record's class")
+            rows = [rows[i] for i in rebalance_indices([labels[row] for row in rows], step.max_ratio, step.method,
+                                                       config.split.seed)]
             report["train_steps"].append({"step": "balance", "in": before, "out": len(rows),
                                           "removed": {"undersampled": max(before - len(rows), 0)}})
         elif isinstance(step, AugmentStep):
-            rows = rows + _augmented(table, rows, step, fmt, rng)
-            report["train_steps"].append({"step": "augment", "in": before, "out": len(rows), "added": len(rows) - before})
-    if labels_all is not None:
-        report["balance"]["after"] = class_distribution([_label(table, row, labels_all, config) for row in rows])
-    return rows
+            augments.append(step)
+            added = len(rows) * step.copies  # copies are made while writing, of the balanced rows
+            report["train_steps"].append({"step": "augment", "in": before, "out": before + added, "added": added})
+    if labels is not None:
+        copies = 1 + sum(step.copies for step in augments)
+        after = Counter()
+        for row in rows:
+            after[labels[row] if labels[row] is not None else "(none)"] += copies
+        report["balance"]["after"] = dict(sorted(after.items()))
+    return rows, augments
 
 
-def _balance(rows: list, labels_all: list | None, step: BalanceStep, config: PrepareConfig) -> list:
-    if labels_all is None:
-        raise DsftError("train_steps: balance needs label_field, the field that holds each record's class")
-    indexes = [row for row in rows if isinstance(row, int)]
-    chosen = rebalance_indices([labels_all[i] for i in indexes], step.max_ratio, step.method, config.split.seed)
-    return [indexes[i] for i in chosen]
+class _SplitWriter:
+    """One output file with its fingerprint and record lengths."""
+
+    def __init__(self, path: Path, fmt: str, tokenizer):
+        self.path, self.fmt, self.tokenizer = path, fmt, tokenizer
+        self.file = open(path, "w", encoding="utf-8")
+        self.digest, self.lengths = Fingerprint(), []
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.digest.update(record)
+        self.lengths.append(_length(record_text(record, self.fmt), self.tokenizer))
+
+    def close(self) -> dict:
+        self.file.close()
+        write_fingerprint(self.path, self.digest.hexdigest(), self.digest.count)
+        return {"path": str(self.path), "records": self.digest.count, "sha256": self.digest.hexdigest()}
 
 
-def _label(table, row, labels_all: list, config: PrepareConfig):
-    if isinstance(row, int):
-        return labels_all[row]
-    value = row.get(config.label_field)
-    return None if value is None else str(value)
-
-
-def _augmented(table, rows: list, step: AugmentStep, fmt: str, rng: random.Random) -> list[dict]:
-    from dsft.data.augment import augment_record, load_function, load_synonyms
-
-    synonyms = load_synonyms(step.synonyms_file) if step.synonyms_file else {}
-    back = load_function(step.back_translation, "train_steps.augment.back_translation") if step.back_translation else None
-    out = []
-    for row in rows:
-        record = json.loads(table[row]["record"]) if isinstance(row, int) else row
-        out += [augment_record(record, fmt, step, rng, synonyms, back) for _ in range(step.copies)]
-    return out
-
-
-def _write_outputs(table, splits: dict, config: PrepareConfig, fmt: str, tokenizer, out_dir: Path, report: dict) -> None:
-    report["splits"], report["outputs"], report["token_lengths"] = {}, {}, {}
+def _write_outputs(table, splits: dict, augments: list, config: PrepareConfig, fmt: str, tokenizer, out_dir: Path,
+                   report: dict) -> None:
+    """One ordered pass over the table writes every split; augmented copies follow the training records."""
+    times: dict[int, tuple[str, int]] = {}
     for name in SPLITS:
-        path = out_dir / f"{name}.jsonl"
-        digest, lengths = Fingerprint(), []
-        with open(path, "w", encoding="utf-8") as f:
-            for row in splits[name]:
-                record = json.loads(table[row]["record"]) if isinstance(row, int) else row
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                digest.update(record)
-                lengths.append(_length(record_text(record, fmt), tokenizer))
-        write_fingerprint(path, digest.hexdigest(), digest.count)
-        report["splits"][name] = digest.count
-        report["outputs"][name] = {"path": str(path), "records": digest.count, "sha256": digest.hexdigest()}
-        report["token_lengths"][name] = lengths
+        for row, count in Counter(splits[name]).items():
+            times[row] = (name, count)
+    writers = {name: _SplitWriter(out_dir / f"{name}.jsonl", fmt, tokenizer) for name in SPLITS}
+    augmenter = _Augmenter(augments, fmt, config.split.seed) if augments else None
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as augmented:
+        for row, record, _ in _iter_records(table, config.chunk_records):
+            name, count = times.get(row, (None, 0))
+            for _ in range(count):
+                writers[name].write(record)
+                if name == "train" and augmenter is not None:
+                    augmenter.write_copies(record, augmented)
+        augmented.seek(0)
+        for line in augmented:
+            writers["train"].write(json.loads(line))
+    report["outputs"] = {name: writer.close() for name, writer in writers.items()}
+    report["splits"] = {name: output["records"] for name, output in report["outputs"].items()}
+    report["token_lengths"] = {name: writer.lengths for name, writer in writers.items()}
+
+
+class _Augmenter:
+    def __init__(self, steps: list[AugmentStep], fmt: str, seed: int):
+        from dsft.data.augment import load_function, load_synonyms
+
+        self.fmt, self.rng = fmt, random.Random(seed)
+        self.steps = [(step, load_synonyms(step.synonyms_file) if step.synonyms_file else {},
+                       load_function(step.back_translation, "train_steps.augment.back_translation")
+                       if step.back_translation else None) for step in steps]
+
+    def write_copies(self, record: dict, out) -> None:
+        from dsft.data.augment import augment_record
+
+        for step, synonyms, back in self.steps:
+            for _ in range(step.copies):
+                copy = augment_record(record, self.fmt, step, self.rng, synonyms, back)
+                out.write(json.dumps(copy, ensure_ascii=False) + "\n")
 
 
 def _length(text: str, tokenizer) -> int:

@@ -107,9 +107,11 @@ class RecordPipeline:
         return [{**record, "text": piece, "chunk": i} for i, piece in enumerate(pieces)]
 
     def _report(self, count_in: int, mapped, report: dict) -> None:
-        dropped_at, reasons = mapped["dropped_at"], mapped["reason"]
+        # Whole columns at once: reading a datasets column value by value is far slower.
+        columns = mapped.select_columns(["dropped_at", "reason", "masked"]).to_dict()
+        dropped_at, reasons = columns["dropped_at"], columns["reason"]
         masked: Counter = Counter()
-        for counts in mapped["masked"]:
+        for counts in columns["masked"]:
             masked.update(json.loads(counts))
         count = count_in
         for position, step in self.segment:

@@ -11,7 +11,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from dsft.data.dedup import normalize_for_dedup, text_digest
@@ -164,46 +164,45 @@ def _ngram_hashes(tokens: list[str], ngram: int) -> list[int]:
     return [hash(tuple(tokens[start : start + ngram])) for start in range(len(tokens) - ngram + 1)]
 
 
-def _index_train(train_texts: Sequence[str], ngram: int) -> tuple[dict[bytes, int], dict[int, int]]:
-    """First train index per normalized-text digest, and per n-gram hash."""
-    first_by_digest: dict[bytes, int] = {}
-    first_by_ngram: dict[int, int] = {}
-    for train_index, text in enumerate(train_texts):
-        first_by_digest.setdefault(text_digest(normalize_for_dedup(text)), train_index)
-        for ngram_hash in _ngram_hashes(overlap_tokens(text), ngram):
-            first_by_ngram.setdefault(ngram_hash, train_index)
-    return first_by_digest, first_by_ngram
-
-
-def _check_record(
-    text: str, ngram: int, first_by_digest: dict[bytes, int], first_by_ngram: dict[int, int]
-) -> tuple[str, int, float] | None:
-    """(kind, train_index, overlap) when the text overlaps train, else None."""
-    exact_index = first_by_digest.get(text_digest(normalize_for_dedup(text)))
-    if exact_index is not None:
-        return "exact", exact_index, 1.0
-    hashes = _ngram_hashes(overlap_tokens(text), ngram)
-    hits = [first_by_ngram[ngram_hash] for ngram_hash in hashes if ngram_hash in first_by_ngram]
-    if not hits:
-        return None
-    return "ngram", hits[0], len(hits) / len(hashes)
-
-
-def find_contamination(train_texts: Sequence[str], other_texts: dict[str, Sequence[str]], ngram: int) -> list[Leak]:
+def find_contamination(train_texts: Iterable[str], other_texts: dict[str, Sequence[str]], ngram: int) -> list[Leak]:
     """Records of `other_texts` (split name -> texts) that overlap `train_texts`.
 
     exact: the normalized text equals a training text. ngram: any `ngram`-token n-gram of the record
     (tokens from `overlap_tokens`) occurs in a training text; records with fewer than `ngram` tokens
     get the exact check only. Leaks come in split order, then index order.
-    Raises ValueError when `ngram` < 1.
+    The small splits are indexed and the training texts read once, in order, so memory grows with
+    validation and test, not with train. Raises ValueError when `ngram` < 1.
     """
     if ngram < 1:
         raise ValueError(f"ngram must be >= 1, got {ngram}")
-    first_by_digest, first_by_ngram = _index_train(train_texts, ngram)
+    records = [(split, index, text_digest(normalize_for_dedup(text)), _ngram_hashes(overlap_tokens(text), ngram))
+               for split, texts in other_texts.items() for index, text in enumerate(texts)]
+    exact_hits, ngram_hits = _scan_train(train_texts, records, ngram)
     leaks = []
-    for split, texts in other_texts.items():
-        for index, text in enumerate(texts):
-            found = _check_record(text, ngram, first_by_digest, first_by_ngram)
-            if found is not None:
-                leaks.append(Leak(index, split, *found))
+    for record_id, (split, index, _, hashes) in enumerate(records):
+        if record_id in exact_hits:
+            leaks.append(Leak(index, split, "exact", exact_hits[record_id], 1.0))
+            continue
+        hits = [ngram_hits[(record_id, h)] for h in hashes if (record_id, h) in ngram_hits]
+        if hits:
+            leaks.append(Leak(index, split, "ngram", hits[0], len(hits) / len(hashes)))
     return leaks
+
+
+def _scan_train(train_texts: Iterable[str], records: list, ngram: int) -> tuple[dict, dict]:
+    """First train index matching each record exactly, and per (record, n-gram hash)."""
+    by_digest: dict[bytes, list[int]] = {}
+    by_ngram: dict[int, list[int]] = {}
+    for record_id, (_, _, digest, hashes) in enumerate(records):
+        by_digest.setdefault(digest, []).append(record_id)
+        for ngram_hash in set(hashes):
+            by_ngram.setdefault(ngram_hash, []).append(record_id)
+    exact_hits: dict[int, int] = {}
+    ngram_hits: dict[tuple[int, int], int] = {}
+    for train_index, text in enumerate(train_texts):
+        for record_id in by_digest.get(text_digest(normalize_for_dedup(text)), ()):
+            exact_hits.setdefault(record_id, train_index)
+        for ngram_hash in set(_ngram_hashes(overlap_tokens(text), ngram)):
+            for record_id in by_ngram.get(ngram_hash, ()):
+                ngram_hits.setdefault((record_id, ngram_hash), train_index)
+    return exact_hits, ngram_hits
