@@ -145,3 +145,13 @@ def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "method:\n  type: freeze\n"))
     method = yaml.safe_load(dump_config(config))["method"]
     assert method == {"type": "freeze", "freeze": {"trainable_layers": 2, "train_embeddings": False}}
+
+
+def test_shipped_data_preparation_example_validates():
+    from dsft.config import load_yaml_model
+    from dsft.data.prepare_config import PrepareConfig
+
+    root = Path(__file__).parents[2]
+    config = load_yaml_model(root / "examples" / "prepare" / "support.yaml", PrepareConfig)
+    assert [step.step for step in config.steps] == ["clean", "filter_quality", "pii", "dedup"]
+    assert (root / config.inputs[0]).is_file()
