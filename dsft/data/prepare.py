@@ -47,7 +47,7 @@ def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="dsft-prepare-") as cache_dir:
         table, fmt, report = _read(config, cache_dir)
         console.print(f"read {report['records_in']:,} records ({fmt}), skipped {report['skipped_bad']:,} bad")
-        table = _record_steps(table, config, fmt, tokenizer, report, cache_dir)
+        table = _record_steps(table, config, fmt, tokenizer, report)
         splits = _split(table, config, fmt, report)
         splits["train"], augments = _train_steps(table, splits["train"], config, report)
         _write_outputs(table, splits, augments, config, fmt, tokenizer, out_dir, report)
@@ -78,7 +78,12 @@ def _read(config: PrepareConfig, cache_dir: str):
 
     def generate():
         for path in config.inputs:
-            for record in read_records(path, on_bad_record=stats.add_skip if config.on_error == "skip" else None):
+
+            def unreadable(error: DsftError, path: str = path) -> None:
+                counts[path] += 1
+                stats.add_skip(error)
+
+            for record in read_records(path, on_bad_record=unreadable if config.on_error == "skip" else None):
                 counts[path] += 1
                 if fmt_box["format"] is None:
                     fmt_box["format"] = detect_format(record)
@@ -97,7 +102,7 @@ def _read(config: PrepareConfig, cache_dir: str):
             raise
         raise cause from None
     report = {"inputs": [{"path": p, "records": counts[p]} for p in config.inputs], "format": fmt_box["format"],
-              "tokenizer": config.tokenizer, "records_in": sum(counts.values()) + stats.skipped_bad,
+              "tokenizer": config.tokenizer, "records_in": sum(counts.values()),
               "skipped_bad": stats.skipped_bad, "skip_reasons": stats.skip_reasons, "steps": [], "train_steps": []}
     if fmt_box["format"] is None:
         raise DsftError(f"inputs: no records in {', '.join(config.inputs)}")
@@ -115,7 +120,7 @@ def _valid(record, fmt: str, config: PrepareConfig, stats: DataStats) -> bool:
         return False
 
 
-def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dict, cache_dir: str):
+def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dict):
     """Run the record steps in order: runs of independent steps as one parallel map, dedup as an ordered pass."""
     segment: list = []
     for position, step in enumerate([*config.steps, None]):

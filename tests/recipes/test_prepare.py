@@ -130,11 +130,11 @@ def test_report_files(prepared):
 
 def test_malformed_record_names_file_and_line(tmp_path):
     raw = tmp_path / "raw.jsonl"
-    raw.write_text(json.dumps(RAW[0]) + "\n{broken\n", encoding="utf-8")
+    raw.write_text(json.dumps(RAW[0]) + "\n{broken\n" + json.dumps({"instruction": "no output"}) + "\n", encoding="utf-8")
     process = dsft_process("data", "prepare", prepare_config(tmp_path, raw))
     assert process.returncode == 2 and f"{raw}:2" in process.stderr and "Traceback" not in process.stderr
     report = run_prepare(load_yaml_model(prepare_config(tmp_path, raw, "skip", on_error="skip"), PrepareConfig))
-    assert report["skipped_bad"] == 1 and report["records_in"] == 2
+    assert report["skipped_bad"] == 2 and report["records_in"] == 3
 
 
 def test_unknown_step_and_bad_threshold_are_config_errors(tmp_path):
