@@ -32,6 +32,7 @@ from dsft.errors import DsftError
 
 SPLITS = ("train", "validation", "test")
 DUPLICATE_EXAMPLES = 5
+DUPLICATES_FILE = "duplicates.jsonl"
 
 
 def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
@@ -43,6 +44,7 @@ def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
     started_s = time.perf_counter()
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DUPLICATES_FILE).write_text("", encoding="utf-8")  # dedup steps append to it
     tokenizer = _tokenizer(config)
     with tempfile.TemporaryDirectory(prefix="dsft-prepare-") as cache_dir:
         table, fmt, report = _read(config, cache_dir)
@@ -131,29 +133,42 @@ def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dic
             table = RecordPipeline(segment, fmt, tokenizer).run(table, config.num_proc, config.chunk_records, report)
             segment = []
         if isinstance(step, DedupStep):
-            table = _dedup(table, step, fmt, config.chunk_records, report)
+            table = _dedup(table, step, fmt, config.chunk_records, report, Path(config.output_dir))
     return table
 
 
-def _dedup(table, step: DedupStep, fmt: str, batch_records: int, report: dict):
-    """One ordered pass: each record is compared with the kept records before it."""
-    finder, kept, examples = DuplicateFinder(step), [], []
+def _dedup(table, step: DedupStep, fmt: str, batch_records: int, report: dict, out_dir: Path):
+    """One ordered pass: each record is compared with the kept records before it. Every removal is
+    listed in duplicates.jsonl (removed and kept record by file:line), a few in the report."""
+    finder, kept, pairs = DuplicateFinder(step), [], []
     removed: Counter = Counter()
-    sources = table["source"]
     index = 0
-    for batch in table.select_columns(["record"]).iter(batch_size=batch_records):
-        for text in batch["record"]:
+    for batch in table.iter(batch_size=batch_records):
+        for text, source in zip(batch["record"], batch["source"]):
             hit = finder.add(index, record_text(json.loads(text), fmt))
             if hit is None:
                 kept.append(index)
             else:
                 removed[hit[1]] += 1
-                if len(examples) < DUPLICATE_EXAMPLES:
-                    examples.append({"removed": sources[index], "kept": sources[hit[0]], "kind": hit[1]})
+                pairs.append((source, hit[0], hit[1]))
             index += 1
+    kept_sources = _sources(table, {kept_index for _, kept_index, _ in pairs}, batch_records)
+    listed = [{"removed": source, "kept": kept_sources[kept_index], "kind": kind} for source, kept_index, kind in pairs]
+    with open(out_dir / DUPLICATES_FILE, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in listed)
     report["steps"].append({"step": "dedup", "in": len(table), "out": len(kept), "removed": dict(removed)})
-    report["duplicates"] = report.get("duplicates", []) + examples
+    report["duplicates"] = report.get("duplicates", []) + listed[:DUPLICATE_EXAMPLES]
     return table.select(kept)
+
+
+def _sources(table, rows: set[int], batch_records: int) -> dict[int, str]:
+    found, row = {}, 0
+    for batch in table.select_columns(["source"]).iter(batch_size=batch_records):
+        for source in batch["source"]:
+            if row in rows:
+                found[row] = source
+            row += 1
+    return found
 
 
 def _iter_records(table, batch_records: int):

@@ -74,6 +74,9 @@ def test_each_step_is_counted_and_the_outputs_add_up(prepared):
     assert report["records_in"] == len(RAW) and report["skipped_bad"] == 0
     assert steps["filter_quality"]["removed"] == {"symbols": 1}
     assert steps["dedup"]["removed"] == {"exact": 1}
+    duplicates = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    assert duplicates == [{"removed": f"{report['inputs'][0]['path']}:2", "kept": f"{report['inputs'][0]['path']}:1",
+                           "kind": "exact"}]
     assert steps["pii"]["masked"] == {"email": 1, "phone": 1, "cn_id": 1, "user_id": 47}
     splits = outputs(out)
     originals = [r for r in splits["train"] if not r.get("augmented")]
@@ -153,3 +156,21 @@ def test_the_run_summary_names_the_fingerprint_of_its_data(prepared, tmp_path, t
     config = make_config(tmp_path, tiny_data, data={"train_files": [str(out / "train.jsonl")]}, train={"max_steps": 1})
     summary = run_sft(load_config(config)).summary
     assert summary["data_fingerprints"] == {str(out / "train.jsonl"): read_fingerprint(out / "train.jsonl")}
+
+
+def test_long_text_records_are_chunked_with_overlap(tmp_path):
+    raw = tmp_path / "docs.jsonl"
+    text = " ".join(f"w{i}" for i in range(100))
+    raw.write_text(json.dumps({"text": text, "doc": "a"}) + "\n" + json.dumps({"text": "short one", "doc": "b"}) + "\n",
+                   encoding="utf-8")
+    config = {"inputs": [str(raw)], "output_dir": str(tmp_path / "out"), "steps": [{"step": "chunk", "max_tokens": 120,
+              "stride_tokens": 100}], "split": {"validation_ratio": 0.0, "test_ratio": 0.0}}
+    path = tmp_path / "chunk.yaml"
+    path.write_text(yaml.safe_dump(config))
+    report = run_prepare(load_yaml_model(path, PrepareConfig))
+    rows = outputs(tmp_path / "out")["train"]
+    chunks = [r for r in rows if r["doc"] == "a"]
+    assert report["steps"][0] == {"step": "chunk", "in": 2, "out": len(rows), "removed": {}}
+    assert len(chunks) > 1 and all(len(c["text"]) <= 120 for c in chunks)  # characters: no tokenizer configured
+    assert chunks[0]["text"] == text[:120] and chunks[1]["text"].startswith(text[100:110])
+    assert [c["chunk"] for c in chunks] == list(range(len(chunks)))
