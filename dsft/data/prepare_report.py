@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 from dsft.eval.report import MISSING, escape_cell
+from dsft.plots import histogram_bins, new_figure, save_png
 
-PLOT_DPI = 110
 SPLITS = ("train", "validation", "test")
 SPLIT_COLORS = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}
 MAX_EXAMPLES_SHOWN = 10
@@ -52,13 +52,6 @@ def report_summary(report: dict) -> dict:
 # ---------------------------------------------------------------- plots
 
 
-def _new_figure(width_in: float, height_in: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width_in, height_in), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def length_unit(report: dict) -> str:
@@ -66,13 +59,6 @@ def length_unit(report: dict) -> str:
     return "characters" if report.get("tokenizer") is None else "tokens"
 
 
-def _histogram_bins(lengths: list[int]):
-    import numpy as np
-
-    low, high = min(lengths), max(lengths)
-    if high - low <= 60:
-        return np.arange(low - 0.5, high + 1.5)  # one bar per length when the range is small
-    return np.histogram_bin_edges(lengths, bins=40)
 
 
 def plot_token_lengths(report: dict, out_png: Path) -> bool:
@@ -81,15 +67,15 @@ def plot_token_lengths(report: dict, out_png: Path) -> bool:
     if not lengths_by_split:
         return False
     # Shared bins so the splits' bars line up and compare.
-    bins = _histogram_bins([length for values in lengths_by_split.values() for length in values])
-    figure = _new_figure(7.0, 4.0)
+    bins = histogram_bins([length for values in lengths_by_split.values() for length in values])
+    figure = new_figure(7.0, 4.0)
     axes = figure.add_subplot()
     for split, values in lengths_by_split.items():
         axes.hist(values, bins=bins, alpha=0.5, color=SPLIT_COLORS.get(split), label=f"{split} ({len(values)})")
     axes.set(xlabel=f"record length ({length_unit(report)})", ylabel="records", title="Record length by split")
     axes.grid(axis="y", alpha=0.3)
     axes.legend()
-    figure.savefig(out_png, dpi=PLOT_DPI, format="png")
+    save_png(figure, out_png)
     return True
 
 
@@ -102,7 +88,7 @@ def balance_labels(balance: dict) -> list[str]:
 def plot_balance(balance: dict, out_png: Path) -> None:
     """Grouped bars of records per class, before and after the balance step."""
     labels = balance_labels(balance)
-    figure = _new_figure(min(4.0 + 0.8 * len(labels), 16.0), 4.0)
+    figure = new_figure(min(4.0 + 0.8 * len(labels), 16.0), 4.0)
     axes = figure.add_subplot()
     bar_width = 0.4
     for offset, (when, color) in zip((-0.2, 0.2), (("before", "tab:gray"), ("after", "tab:blue"))):
@@ -113,7 +99,7 @@ def plot_balance(balance: dict, out_png: Path) -> None:
     axes.set(ylabel="records", title="Class balance of the training split")
     axes.grid(axis="y", alpha=0.3)
     axes.legend()
-    figure.savefig(out_png, dpi=PLOT_DPI, format="png")
+    save_png(figure, out_png)
 
 
 # ---------------------------------------------------------------- report.md

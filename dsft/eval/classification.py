@@ -71,15 +71,13 @@ def bootstrap_intervals(predictions: Sequence[str], references: Sequence[str], r
 
 def plot_confusion_matrix(report: dict, title: str, out_png: Path) -> bool:
     """A confusion-matrix heat map (rows: reference, columns: prediction); False when there is nothing to draw."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from dsft.plots import new_figure, save_png
 
     matrix, labels = report.get("confusion_matrix"), report.get("labels")
     if not matrix or not labels:
         return False
     size_in = 2.5 + 0.5 * len(labels)
-    figure = Figure(figsize=(size_in, size_in))
-    FigureCanvasAgg(figure)
+    figure = new_figure(size_in, size_in)
     axes = figure.add_subplot()
     axes.imshow(matrix, cmap="Blues")
     axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -90,9 +88,7 @@ def plot_confusion_matrix(report: dict, title: str, out_png: Path) -> bool:
     for row, counts in enumerate(matrix):
         for column, count in enumerate(counts):
             axes.text(column, row, str(count), ha="center", va="center")
-    figure.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
+    save_png(figure, out_png)
     return True
 
 

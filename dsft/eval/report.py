@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from dsft.eval.classification import classification_markdown
+from dsft.plots import histogram_bins, new_figure, save_png
 
 ROLES = ("target", "against")
 ROLE_COLORS = {"target": "tab:blue", "against": "tab:orange"}
@@ -25,7 +26,6 @@ MAX_EXAMPLES_SHOWN = 10
 """Won and lost examples shown each; results.json keeps them all."""
 SHA256_SHORT_CHARS = 12
 MISSING = "—"
-PLOT_DPI = 110
 LOG_SCALE_RATIO = 30
 """Perplexity bars switch to a log axis when the largest is this many times the smallest."""
 
@@ -111,18 +111,8 @@ def metric_header(results: dict) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def _new_figure(width_in: float, height_in: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width_in, height_in), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
-def _save(figure, out_png: Path) -> None:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=PLOT_DPI, format="png")
 
 
 def _read_losses(metrics_jsonl: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -153,7 +143,7 @@ def plot_loss_curves(metrics_jsonl: Path, out_png: Path) -> bool:
     train, validation = _read_losses(metrics_jsonl)
     if not train and not validation:
         return False
-    figure = _new_figure(7.0, 4.0)
+    figure = new_figure(7.0, 4.0)
     axes = figure.add_subplot()
     if train:
         axes.plot(*zip(*train), color="tab:blue", linewidth=1.5, label="training loss")
@@ -162,7 +152,7 @@ def plot_loss_curves(metrics_jsonl: Path, out_png: Path) -> bool:
     axes.set(xlabel="step", ylabel="loss", title="Loss")
     axes.grid(alpha=0.3)
     axes.legend()
-    _save(figure, out_png)
+    save_png(figure, out_png)
     return True
 
 
@@ -240,23 +230,16 @@ def plot_metric_bars(results: dict, out_png: Path) -> bool:
     if not groups:
         return False
     widths = [max(len(metrics), 1.5) for metrics in groups.values()]
-    figure = _new_figure(min(4.0 + 0.9 * sum(widths), 16.0), 4.5)
+    figure = new_figure(min(4.0 + 0.9 * sum(widths), 16.0), 4.5)
     all_axes = figure.subplots(1, len(groups), squeeze=False, width_ratios=widths)[0]
     for axes, (scale, metrics) in zip(all_axes, groups.items()):
         _draw_bar_group(axes, results, metrics, scale)
     handles, labels = all_axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside upper center", ncols=len(labels))
-    _save(figure, Path(out_png))
+    save_png(figure, Path(out_png))
     return True
 
 
-def _histogram_bins(lengths: list[int]):
-    import numpy as np
-
-    low, high = min(lengths), max(lengths)
-    if high - low <= 60:
-        return np.arange(low - 0.5, high + 1.5)  # one bar per token count when the range is small
-    return np.histogram_bin_edges(lengths, bins=40)
 
 
 def plot_length_distribution(results: dict, out_png: Path) -> bool:
@@ -270,8 +253,8 @@ def plot_length_distribution(results: dict, out_png: Path) -> bool:
     lengths_by_role = {role: lengths for role, lengths in lengths_by_role.items() if lengths}
     if not lengths_by_role:
         return False
-    bins = _histogram_bins([length for lengths in lengths_by_role.values() for length in lengths])
-    figure = _new_figure(7.0, 4.0)
+    bins = histogram_bins([length for lengths in lengths_by_role.values() for length in lengths])
+    figure = new_figure(7.0, 4.0)
     axes = figure.add_subplot()
     for role, lengths in lengths_by_role.items():
         name = results["models"][role].get("name", role)
@@ -279,7 +262,7 @@ def plot_length_distribution(results: dict, out_png: Path) -> bool:
     axes.set(xlabel="output length (tokens)", ylabel="examples", title="Output length")
     axes.grid(axis="y", alpha=0.3)
     axes.legend()
-    _save(figure, Path(out_png))
+    save_png(figure, Path(out_png))
     return True
 
 
