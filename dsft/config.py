@@ -186,6 +186,10 @@ class TrainConfig(_Section):
     """Stop after this many evaluations without a better validation loss (needs eval_steps)."""
     tensorboard: bool = True
     """Write TensorBoard event files under the run directory."""
+    packing: bool = False
+    """Padding-free packing: samples grouped best-fit into rows of pack_tokens, attention kept within each sample."""
+    pack_tokens: int | None = Field(None, ge=8)
+    """Token budget of one packed row; default batch_size x data.max_length_tokens (a row replaces a padded batch)."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop before the optimizer applies it, or skip that step (counted)."""
     max_consecutive_nonfinite: int = Field(3, ge=1)
@@ -282,6 +286,12 @@ class RunConfig(_Section):
     """Evaluation around training."""
     output: OutputConfig = OutputConfig()
     """Where the run is written."""
+
+    @model_validator(mode="after")
+    def _packs_hold_a_sample(self) -> "RunConfig":
+        if self.train.pack_tokens is not None and self.train.pack_tokens < self.data.max_length_tokens:
+            raise ValueError("train.pack_tokens must be at least data.max_length_tokens, or a sample could fit no row")
+        return self
 
     # Key path -> (the text the config wrote, e.g. "${DATA}/train.jsonl"; the value it validated to):
     # dump_config writes the text back where the value is unchanged, so no variable's value is saved.

@@ -21,6 +21,7 @@ from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.fingerprint import Fingerprint
 from dsft.data.hf_templates import JINJA_TEMPLATES
+from dsft.data.packing import PackedCollator, packed_rows
 from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
@@ -216,7 +217,6 @@ class _Guards:
 
 def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
     from transformers import (
-        DataCollatorForSeq2Seq,
         EarlyStoppingCallback,
         PrinterCallback,
     )
@@ -231,13 +231,19 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
         callbacks.append(_tensorboard_callback(run_dir))
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    args = _training_arguments(train, run_dir, bool(validation_rows))
+    if train.packing:
+        pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
+        train_rows = packed_rows(train_rows, pack_tokens)
+        args.per_device_train_batch_size = 1  # one packed row holds what a padded batch held
+        console.print(f"packing: {sum(len(p) for p in train_rows):,} samples in {len(train_rows):,} rows of "
+                      f"at most {pack_tokens:,} tokens")
     trainer = DsftTrainer(
         model=model,
-        args=_training_arguments(train, run_dir, bool(validation_rows)),
+        args=args,
         train_dataset=train_rows,
         eval_dataset=validation_rows or None,
-        # Pads labels with -100 so padding never carries loss.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=_Collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
         ledger=ledger,
@@ -249,6 +255,19 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
     return trainer, _Guards(metrics, nonfinite, stop_on_signal, progress)
+
+
+class _Collator:
+    """Packs (lists of samples) become padding-free rows; plain samples are padded, labels with -100."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.packed = PackedCollator(tokenizer.pad_token_id)
+
+    def __call__(self, features):
+        return self.packed(features) if isinstance(features[0], list) else self.padded(features)
 
 
 def _checkpoint_to_resume(run_dir: Path, console: Console) -> Path:

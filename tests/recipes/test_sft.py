@@ -252,3 +252,21 @@ def test_reasoning_data_trains_with_the_r1_template(tmp_path, tiny_data):
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text.endswith("<｜Assistant｜>3000 m<｜end▁of▁sentence｜><｜User｜>And 5 km?<｜Assistant｜><think>\n")
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == prompt_ids(history, "deepseek_r1", tokenizer)
+
+
+def test_packed_training_learns_and_consumes_every_sample_once_per_epoch(tmp_path, tiny_data):
+    config = load_config(make_config(tmp_path, tiny_data, method={"type": "full"},
+                                     train={"packing": True, "batch_size": 8, "max_steps": 6}))
+    result = run_sft(config)
+    losses = list(train_losses(result.run_dir).values())
+    assert losses[-1] < losses[0]
+    ledger = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    rows_per_epoch = 64 * 17 // (8 * 64) + 1  # quickstart samples are ~17 tokens; rows hold 8 x 64 tokens
+    consumed = [i for record in ledger[:rows_per_epoch] for i in record["sample_ids"]]
+    assert len(consumed) > 8, "a packed row holds many samples"
+    assert len(set(consumed)) == len(consumed), "no sample twice within an epoch"
+
+
+def test_pack_tokens_below_max_length_is_a_config_error(tmp_path, tiny_data):
+    process = dsft_process("train", make_config(tmp_path, tiny_data, train={"packing": True, "pack_tokens": 16}))
+    assert process.returncode == 2 and "train.pack_tokens must be at least data.max_length_tokens" in process.stderr
