@@ -47,11 +47,34 @@ def train(
 ) -> None:
     """Fine-tune a model as CONFIG says and write the run directory."""
     from dsft.config import load_config
-    from dsft.train.sft import run_sft
 
     overrides = "".join(f" --set {shlex.quote(item)}" for item in set_)
     resume_command = f"dsft train {shlex.quote(str(config))}{overrides} --resume"
-    run_sft(load_config(config, set_), resume=resume, resume_command=resume_command)
+    run_config = load_config(config, set_)
+    _stage(run_config.task)(run_config, resume=resume, resume_command=resume_command)
+
+
+def _stage(task: str):
+    """The training function of a task: run_classify or run_sft."""
+    if task == "classification":
+        from dsft.train.classify import run_classify
+
+        return run_classify
+    from dsft.train.sft import run_sft
+
+    return run_sft
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory of a classification run (task: classification).")],
+    input_file: Annotated[Path, typer.Option("--input", help="Records to classify (jsonl, json, csv, parquet); never modified.")],
+    output_file: Annotated[Path, typer.Option("--output", help="jsonl written: each input record plus prediction and scores.")],
+) -> None:
+    """Label each record of a file with a classification run's model."""
+    from dsft.serve.predict import predict_file
+
+    predict_file(run, input_file, output_file)
 
 
 @app.command("eval")

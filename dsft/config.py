@@ -264,6 +264,23 @@ class EvalConfig(_Section):
     _as_lists = field_validator("generate_files", mode="before")(_as_list)
 
 
+class ClassifyConfig(_Section):
+    text_field: str = Field("text", min_length=1)
+    """Record field holding the text to classify."""
+    label_field: str = Field("label", min_length=1)
+    """Record field holding the label (a string or an integer)."""
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    """Training loss: cross entropy, or focal loss (down-weights examples the model already gets right)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Per-class loss weights; balanced: n_samples / (n_classes x count of the class) over the training labels."""
+    focal_gamma: float = Field(2.0, ge=0.0)
+    """Focusing exponent of focal loss (with loss: focal); 0 gives cross entropy."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the target probability spread evenly over all classes (0 <= x < 1)."""
+    head_only: bool = False
+    """Freeze the whole backbone and train only the classification head (needs method.type full)."""
+
+
 class OutputConfig(_Section):
     dir: str = "runs/dsft-run"
     """Run directory: model or adapter, tokenizer, config.yaml, metrics.jsonl, summary.json, checkpoints/."""
@@ -274,6 +291,8 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     stage: Literal["sft"] = "sft"
     """Training stage: sft (supervised fine-tuning)."""
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """What the model learns: causal_lm (SFT on text) or classification (a label per text, with a classification head)."""
     model: ModelConfig
     """The model to fine-tune."""
     data: DataConfig
@@ -286,11 +305,25 @@ class RunConfig(_Section):
     """Evaluation around training."""
     output: OutputConfig = OutputConfig()
     """Where the run is written."""
+    classify: ClassifyConfig = ClassifyConfig()
+    """Settings for task classification: fields, loss, class weights, head only."""
 
     @model_validator(mode="after")
     def _packs_hold_a_sample(self) -> "RunConfig":
         if self.train.pack_tokens is not None and self.train.pack_tokens < self.data.max_length_tokens:
             raise ValueError("train.pack_tokens must be at least data.max_length_tokens, or a sample could fit no row")
+        return self
+
+    @model_validator(mode="after")
+    def _classify_settings_match_task(self) -> "RunConfig":
+        if self.task != "classification":
+            if "classify" in self.model_fields_set:
+                raise ValueError(f"classify is set but task is {self.task!r}; set task: classification")
+            return self
+        if self.train.packing:
+            raise ValueError("train.packing does not apply to task classification (one label per sequence)")
+        if self.classify.head_only and self.method.type != "full":
+            raise ValueError(f"classify.head_only needs method.type full (got {self.method.type!r}): it freezes the backbone itself")
         return self
 
     # Key path -> (the text the config wrote, e.g. "${DATA}/train.jsonl"; the value it validated to):
@@ -412,6 +445,8 @@ def dump_config(config: RunConfig) -> str:
     for other in ("lora", "freeze"):
         if other != config.method.type:
             del raw["method"][other]
+    if config.task != "classification":
+        del raw["classify"]
     for path in SECRET_KEYS:
         _assign(raw, path, None)
     for path, (text, loaded_value) in config._env_references.items():

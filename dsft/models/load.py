@@ -94,16 +94,41 @@ def _warn_remote_code(model: ModelConfig) -> None:
     )
 
 
-def _from_pretrained(model: ModelConfig, dtype):
-    from transformers import AutoModelForCausalLM
-
+def _from_pretrained(model: ModelConfig, dtype, task: str = "causal_lm", **extra):
+    """Pretrained weights of model.name_or_path for task; extra goes to from_pretrained (e.g. num_labels)."""
     _warn_remote_code(model)
     kwargs = dict(
         dtype=dtype, trust_remote_code=model.trust_remote_code, revision=model.revision, token=hub_token(model)
     )
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(model.name_or_path, **kwargs)
+    return auto_model_class(task).from_pretrained(model.name_or_path, **kwargs, **extra)
+
+
+def auto_model_class(task: str):
+    """AutoModelForSequenceClassification for task classification, else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str]):
+    """A sequence classifier with one output per label: a preset built from config, or pretrained weights
+    with a new head. pad_token_id is set: the classifier pools the last token that is not padding."""
+    from dsft.models.presets import build_preset_classifier
+
+    dtype = resolve_dtype(model.dtype)
+    if model.preset is not None:
+        classifier = build_preset_classifier(model.preset, tokenizer, seed, dtype, labels)
+    else:
+        label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
+        classifier = _guarded(lambda: _from_pretrained(model, dtype, "classification", **label_kwargs),
+                              "model.name_or_path", model.name_or_path)
+        if len(tokenizer) > classifier.get_input_embeddings().weight.shape[0]:
+            classifier.resize_token_embeddings(len(tokenizer))
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    return classifier
 
 
 def _guarded(load: Callable, key: str, value: str):
@@ -142,24 +167,24 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
     Raises DsftError for pickled weights, a file that resolves outside the run directory, or an
     adapter whose recorded base is neither the run's base_model/ nor the model its config names.
     """
-    from transformers import AutoModelForCausalLM
-
     run_dir = Path(run_dir).resolve()
     torch_dtype = resolve_dtype(dtype)
+    auto_class = auto_model_class(config.task)
     adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
     if not adapter_config.is_file():
         _require_safetensors(run_dir, run_dir, "model")
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
+        return auto_class.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
     from peft import PeftModel
 
     _require_safetensors(run_dir, run_dir, "adapter_model")
     recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if os.path.lexists(run_dir / BASE_MODEL_DIR):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+        base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
     elif recorded in (None, config.model.name_or_path):
+        labels = _run_labels(run_dir) if config.task == "classification" else {}
         base = _guarded(
-            lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype),
+            lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype, config.task, **labels),
             "model.name_or_path",
             str(config.model.name_or_path),
         )
@@ -169,6 +194,17 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
             f"nor model.name_or_path of its config.yaml ({config.model.name_or_path!r}); no other base is loaded"
         )
     return PeftModel.from_pretrained(base, run_dir)
+
+
+def _run_labels(run_dir: Path) -> dict:
+    """from_pretrained arguments that give a hub base the run's classifier head shape and labels (config.json)."""
+    path = resolve_inside(run_dir, "config.json", "model config")
+    if not path.is_file():
+        raise DsftError(f"{run_dir}: no config.json with the labels (id2label) of this classification run")
+    model_config = json.loads(path.read_text(encoding="utf-8"))
+    id2label = {int(i): label for i, label in model_config["id2label"].items()}
+    return dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                pad_token_id=model_config.get("pad_token_id"))
 
 
 def _own_base_dir(run_dir: Path, recorded: str | None, adapter_config: Path) -> Path:

@@ -23,26 +23,32 @@ def count_parameters(model) -> ParamCounts:
     return ParamCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-def apply_method(model, method: MethodConfig):
-    """Prepare model for method.type; returns the model to train (a PeftModel for lora)."""
+def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
+    """Prepare model for method.type; returns the model to train (a PeftModel for lora).
+
+    task_type is PEFT's: CAUSAL_LM, or SEQ_CLS for a classifier (its head "score" then trains in full).
+    """
     if method.type == "lora":
-        return _apply_lora(model, method)
+        return _apply_lora(model, method, task_type)
     if method.type == "freeze":
         _apply_freeze(model, method.freeze.trainable_layers, method.freeze.train_embeddings)
     return model
 
 
-def _apply_lora(model, method: MethodConfig):
+def _apply_lora(model, method: MethodConfig, task_type: str):
     from peft import LoraConfig, get_peft_model
 
     lora = method.lora
+    modules_to_save = list(lora.modules_to_save)
+    if task_type == "SEQ_CLS" and "score" not in modules_to_save:
+        modules_to_save.append("score")  # the new head starts random: it must train in full and be saved
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save or None,
-        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
     )
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
@@ -78,9 +84,19 @@ def _apply_freeze(model, trainable_layers: int, train_embeddings: bool) -> None:
     for layer in layers[len(layers) - trainable_layers :]:
         layer.requires_grad_(True)
     # The head and the final norm sit above the top layer, so they train with it.
-    model.get_output_embeddings().requires_grad_(True)
+    head = model.get_output_embeddings()
+    (head if head is not None else model.score).requires_grad_(True)  # a classifier's head is "score"
     final_norm = getattr(model.get_decoder(), "norm", None)
     if final_norm is not None:
         final_norm.requires_grad_(True)
     if train_embeddings:
         model.get_input_embeddings().requires_grad_(True)
+
+
+def train_head_only(model) -> None:
+    """Freeze every weight but the classification head ("score", as transformers names it for causal-LM backbones)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise DsftError(f"classify.head_only: {type(model).__name__} has no classification head named score")
+    model.requires_grad_(False)
+    head.requires_grad_(True)

@@ -67,3 +67,16 @@ def build_preset(name: str, tokenizer, seed: int, dtype):
     config = preset_config(name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_preset_classifier(name: str, tokenizer, seed: int, dtype, labels: list[str]):
+    """A random-init *ForSequenceClassification of the preset architecture with one output per label."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = preset_config(name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config, dtype=dtype)

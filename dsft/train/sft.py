@@ -215,7 +215,10 @@ class _Guards:
     progress: RichProgressCallback
 
 
-def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console):
+def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
+                   data_collator=None, **trainer_kwargs):
+    """DsftTrainer with dsft's callbacks and guards; data_collator (default: padding or packing for SFT) and
+    trainer_kwargs (e.g. compute_loss_func, compute_metrics) let another stage reuse it."""
     from transformers import (
         EarlyStoppingCallback,
         PrinterCallback,
@@ -243,11 +246,12 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_row
         args=args,
         train_dataset=train_rows,
         eval_dataset=validation_rows or None,
-        data_collator=_Collator(tokenizer),
+        data_collator=_Collator(tokenizer) if data_collator is None else data_collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         ledger=ledger,
         keep_last_checkpoints=train.keep_last_checkpoints,
+        **trainer_kwargs,
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)

@@ -43,7 +43,7 @@ def test_dump_round_trips_to_the_same_config(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     again = validate_config(yaml.safe_load(dump_config(config)))
     assert again == config
-    assert set(yaml.safe_load(dump_config(config))) == {"stage", "model", "data", "method", "train", "eval", "output"}
+    assert set(yaml.safe_load(dump_config(config))) == {"stage", "task", "model", "data", "method", "train", "eval", "output"}
 
 
 def test_overrides_parse_values_as_yaml(tmp_path):
@@ -73,7 +73,7 @@ def test_unknown_key_names_path_line_and_allowed_keys(tmp_path):
 
 def test_unknown_section_is_an_error(tmp_path):
     message = error_of(tmp_path, MINIMAL + "trian:\n  seed: 1\n")
-    assert "trian (line 5): unknown key; allowed here: stage, model, data, method, train, eval, output" in message
+    assert "trian (line 5): unknown key; allowed here: stage, task, model, data, method, train, eval, output, classify" in message
 
 
 def test_wrong_type_and_bad_value_name_the_key(tmp_path):

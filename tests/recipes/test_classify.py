@@ -1,0 +1,124 @@
+"""Classification end to end on tiny models: full and LoRA learn, labels are saved, dsft predict agrees."""
+
+import json
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dsft.cli import app
+from dsft.config import load_config
+from dsft.models.load import load_run
+from dsft.train.classify import run_classify
+
+from .conftest import QUICKSTART, make_config
+
+KEYWORDS = {"km": "distance", "kg": "weight", "yuan": "money"}
+
+
+@pytest.fixture(scope="module")
+def labelled_data(tmp_path_factory):
+    """96 quickstart prompts labelled by unit keyword (32 per label, interleaved)."""
+    groups = {label: [] for label in KEYWORDS.values()}
+    for line in (QUICKSTART / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["instruction"]
+        for keyword, label in KEYWORDS.items():
+            if re.search(rf"\b{keyword}\b", text) and len(groups[label]) < 32:
+                groups[label].append({"text": text, "label": label})
+                break
+    records = [record for trio in zip(*groups.values()) for record in trio]
+    path = tmp_path_factory.mktemp("labelled") / "labelled.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def classify_config(tmp_path, data, **sections):
+    base = {"data": {"train_files": [str(data)], "validation_ratio": 0.25, "max_length_tokens": 64},
+            "train": {"learning_rate": 1e-3, "max_steps": 30, "batch_size": 8, "logging_steps": 5, "lr_scheduler": "constant"}}
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values} if section in ("train", "data") else values
+    path = make_config(tmp_path, {"train": data}, **base)
+    path.write_text("task: classification\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, labelled_data):
+    tmp_path = tmp_path_factory.mktemp("full")
+    path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-qwen2"}, method={"type": "full"})
+    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+def test_full_classifier_learns_and_saves_its_labels(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    # Chance is 1/3; measured 1.0 after 30 steps (already at step 10).
+    assert summary["accuracy"] >= 0.8 and summary["steps"] == 30
+    assert summary["labels"] == ["distance", "money", "weight"]
+    assert set(summary["classification"]["per_class"]) == {"distance", "money", "weight"}
+    model_config = json.loads((full_run / "config.json").read_text())
+    assert model_config["id2label"] == {"0": "distance", "1": "money", "2": "weight"}
+    assert model_config["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert not list(full_run.glob("*.bin"))
+    eval_records = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
+    assert eval_records and eval_records[-1]["eval_accuracy"] == summary["accuracy"]
+
+
+def test_predict_writes_the_argmax_of_the_model(full_run, labelled_data, tmp_path):
+    before = labelled_data.read_bytes()
+    out = tmp_path / "preds.jsonl"
+    result = CliRunner().invoke(app, ["predict", str(full_run), "--input", str(labelled_data), "--output", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert labelled_data.read_bytes() == before
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    inputs = [json.loads(line) for line in before.decode().splitlines()]
+    assert len(lines) == len(inputs) == 96
+    model, tokenizer, config = load_run(full_run)
+    for record, line in zip(inputs[:6], lines[:6]):
+        assert {k: line[k] for k in record} == record
+        ids = tokenizer(record["text"], add_special_tokens=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model.config.id2label[int(model(input_ids=ids).logits.argmax(-1))]
+        assert line["prediction"] == expected == max(line["scores"], key=line["scores"].get)
+        assert sum(line["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    accuracy = sum(line["prediction"] == line["label"] for line in lines) / len(lines)
+    assert accuracy >= 0.8
+
+
+def test_predict_names_the_record_without_text(full_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Convert 3 km to m."}\n{"body": "x"}\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["predict", str(full_run), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    assert result.exit_code != 0
+    assert f"{bad}:2" in str(result.exception) and "'text'" in str(result.exception)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_lora_on_deepseek_v3_learns(tmp_path, labelled_data):
+    path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-deepseek-v3"},
+                           method={"type": "lora", "lora": {"r": 8, "alpha": 64}})
+    result = run_classify(load_config(path))
+    # Chance is 1/3; measured 1.0 after 30 steps.
+    assert result.summary["accuracy"] >= 0.8
+    assert result.summary["trainable_parameters"] < result.summary["total_parameters"]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["id2label"]["2"] == "weight"
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any(".score." in n for n in trained) and any("lora_" in n for n in trained)
+    # The run loads back (adapter on base_model/) with the same logits.
+    model, tokenizer, _ = load_run(run_dir)
+    ids = tokenizer("Convert 3 kg to g.", add_special_tokens=True, return_tensors="pt")["input_ids"]
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_head_only_trains_only_the_score_head(tmp_path, labelled_data):
+    path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-qwen2"}, method={"type": "full"},
+                           classify={"head_only": True}, train={"max_steps": 1})
+    result = run_classify(load_config(path))
+    assert {n for n, p in result.model.named_parameters() if p.requires_grad} == {"score.weight"}
