@@ -31,3 +31,17 @@ def histogram_bins(lengths: list[int]):
     if high - low <= 60:
         return np.arange(low - 0.5, high + 1.5)
     return np.histogram_bin_edges(lengths, bins=40)
+
+
+def overlaid_histograms(groups: dict[str, tuple[list[int], str | None]], labels: tuple[str, str, str], out_png: Path) -> None:
+    """Semi-transparent histograms on shared bins, one per group {legend: (values, color)};
+    labels is (x label, y label, title)."""
+    bins = histogram_bins([value for values, _ in groups.values() for value in values])
+    figure = new_figure(7.0, 4.0)
+    axes = figure.add_subplot()
+    for legend, (values, color) in groups.items():
+        axes.hist(values, bins=bins, alpha=0.5, color=color, label=legend)
+    axes.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend()
+    save_png(figure, out_png)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from dsft.eval.report import MISSING, escape_cell
-from dsft.plots import histogram_bins, new_figure, save_png
+from dsft.plots import new_figure, overlaid_histograms, save_png
 
 SPLITS = ("train", "validation", "test")
 SPLIT_COLORS = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}
@@ -52,13 +52,9 @@ def report_summary(report: dict) -> dict:
 # ---------------------------------------------------------------- plots
 
 
-
-
 def length_unit(report: dict) -> str:
     """'tokens' with a tokenizer, else 'characters' (what the pipeline counted)."""
     return "characters" if report.get("tokenizer") is None else "tokens"
-
-
 
 
 def plot_token_lengths(report: dict, out_png: Path) -> bool:
@@ -67,15 +63,9 @@ def plot_token_lengths(report: dict, out_png: Path) -> bool:
     if not lengths_by_split:
         return False
     # Shared bins so the splits' bars line up and compare.
-    bins = histogram_bins([length for values in lengths_by_split.values() for length in values])
-    figure = new_figure(7.0, 4.0)
-    axes = figure.add_subplot()
-    for split, values in lengths_by_split.items():
-        axes.hist(values, bins=bins, alpha=0.5, color=SPLIT_COLORS.get(split), label=f"{split} ({len(values)})")
-    axes.set(xlabel=f"record length ({length_unit(report)})", ylabel="records", title="Record length by split")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend()
-    save_png(figure, out_png)
+    groups = {f"{split} ({len(values)})": (values, SPLIT_COLORS.get(split)) for split, values in lengths_by_split.items()}
+    labels = (f"record length ({length_unit(report)})", "records", "Record length by split")
+    overlaid_histograms(groups, labels, out_png)
     return True
 
 

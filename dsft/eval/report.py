@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from dsft.eval.classification import classification_markdown
-from dsft.plots import histogram_bins, new_figure, save_png
+from dsft.plots import new_figure, overlaid_histograms, save_png
 
 ROLES = ("target", "against")
 ROLE_COLORS = {"target": "tab:blue", "against": "tab:orange"}
@@ -253,16 +253,9 @@ def plot_length_distribution(results: dict, out_png: Path) -> bool:
     lengths_by_role = {role: lengths for role, lengths in lengths_by_role.items() if lengths}
     if not lengths_by_role:
         return False
-    bins = histogram_bins([length for lengths in lengths_by_role.values() for length in lengths])
-    figure = new_figure(7.0, 4.0)
-    axes = figure.add_subplot()
-    for role, lengths in lengths_by_role.items():
-        name = results["models"][role].get("name", role)
-        axes.hist(lengths, bins=bins, alpha=0.5, color=ROLE_COLORS[role], label=f"{role}: {name}")
-    axes.set(xlabel="output length (tokens)", ylabel="examples", title="Output length")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend()
-    save_png(figure, Path(out_png))
+    groups = {f"{role}: {results['models'][role].get('name', role)}": (lengths, ROLE_COLORS[role])
+              for role, lengths in lengths_by_role.items()}
+    overlaid_histograms(groups, ("output length (tokens)", "examples", "Output length"), Path(out_png))
     return True
 
 
