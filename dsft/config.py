@@ -8,7 +8,6 @@ the YAML line and what is allowed. `dump_config` writes the references back, nev
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -27,14 +26,26 @@ from pydantic import (
 )
 
 from dsft.errors import DsftError
+from dsft.yaml_config import (  # noqa: F401  (apply_override, expand_env_references, load_yaml_model: re-exported)
+    MISSING,
+    apply_override,
+    assign,
+    deep_merge,
+    describe,
+    expand_env_references,
+    invalid,
+    load_yaml_model,
+    lookup,
+    parse_yaml,
+    read_text,
+    where,
+)
 
 PRESETS = ("tiny-deepseek-v3", "tiny-qwen2", "tiny-llama")
 
 SECRET_KEYS = (("model", "hub_token"),)
 """Key paths of secrets: saved only as the ${NAME} reference the config wrote, else as null."""
 
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_MISSING = object()
 
 
 class _Section(BaseModel):
@@ -67,7 +78,7 @@ class ModelConfig(_Section):
     """Attention kernel; default: transformers' choice (sdpa where supported)."""
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "ModelConfig":
+    def _exactly_one_source(self) -> ModelConfig:
         if (self.name_or_path is None) == (self.preset is None):
             raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.preset")
         return self
@@ -100,7 +111,7 @@ class DataConfig(_Section):
     _as_lists = field_validator("train_files", "validation_files", mode="before")(_as_list)
 
     @model_validator(mode="after")
-    def _one_validation_source(self) -> "DataConfig":
+    def _one_validation_source(self) -> DataConfig:
         if self.validation_files and self.validation_ratio > 0:
             raise ValueError("set data.validation_files or data.validation_ratio, not both")
         return self
@@ -127,6 +138,13 @@ class FreezeConfig(_Section):
     """Also train the input embeddings."""
 
 
+class UnfreezeStep(_Section):
+    step: int = Field(ge=0)
+    """Optimizer step from which these layers train (0: from the start)."""
+    layers: int | Literal["all"]
+    """Top decoder layers that train from this step on, counted from the top; all: every layer and the embeddings."""
+
+
 class MethodConfig(_Section):
     type: Literal["full", "lora", "freeze"] = "lora"
     """full: every weight; lora: PEFT LoRA adapter; freeze: only the top layers and the head."""
@@ -134,13 +152,33 @@ class MethodConfig(_Section):
     """Settings for type lora."""
     freeze: FreezeConfig = FreezeConfig()
     """Settings for type freeze."""
+    unfreeze: list[UnfreezeStep] = []
+    """Progressive unfreezing (types full and lora): the head (and final norm) trains from the start, each entry
+    adds top decoder layers from its step on, e.g. [{step: 0, layers: 0}, {step: 100, layers: 4}, {step: 300, layers: all}]."""
 
     @model_validator(mode="after")
-    def _settings_match_type(self) -> "MethodConfig":
+    def _settings_match_type(self) -> MethodConfig:
         for other in ("lora", "freeze"):
             if other in self.model_fields_set and self.type != other:
                 raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
+        if self.unfreeze and self.type == "freeze":
+            raise ValueError("method.unfreeze works with method.type full or lora; type freeze keeps a fixed set")
+        steps = [entry.step for entry in self.unfreeze]
+        layers = [float("inf") if entry.layers == "all" else entry.layers for entry in self.unfreeze]
+        if steps != sorted(set(steps)) or layers != sorted(layers):
+            raise ValueError("method.unfreeze entries must have increasing steps and non-decreasing layers")
         return self
+
+
+class AdversarialConfig(_Section):
+    method: Literal["none", "fgm", "pgd"] = "none"
+    """Adversarial training on the input embeddings: fgm (one step along the gradient) or pgd (several projected steps)."""
+    epsilon: float = Field(1.0, gt=0)
+    """L2 norm of the embedding perturbation (fgm), or the radius it is projected into (pgd)."""
+    pgd_steps: int = Field(3, ge=1)
+    """Ascent steps of pgd."""
+    pgd_alpha: float = Field(0.3, gt=0)
+    """L2 norm of each pgd ascent step."""
 
 
 class TrainConfig(_Section):
@@ -196,9 +234,28 @@ class TrainConfig(_Section):
     """With nonfinite: skip, stop after this many non-finite steps in a row."""
     auto_find_batch_size: bool = False
     """On CUDA out-of-memory, halve batch_size and retry (the effective batch shrinks with it)."""
+    adversarial: AdversarialConfig = AdversarialConfig()
+    """Adversarial training (FGM/PGD on input embeddings), off by default."""
+    liger: Literal["auto", "on", "off"] = "auto"
+    """Liger Kernel (fused RMSNorm, RoPE, SwiGLU, linear cross entropy); auto: on CUDA when installed and the
+    architecture is supported."""
+    chunked_loss: Literal["auto", "on", "off"] = "auto"
+    """Causal-LM loss computed over chunks of tokens, never holding full-vocabulary logits; auto: on CUDA
+    where Liger's fused loss does not apply (e.g. DeepSeek V2/V3)."""
+    loss_chunk_tokens: int = Field(4096, ge=16)
+    """Tokens per chunk of the chunked loss."""
+    experts: Literal["auto", "eager", "grouped_mm", "batched_mm"] = "auto"
+    """MoE expert computation (transformers experts_implementation); auto: grouped_mm on CUDA, eager elsewhere."""
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    """Fused AdamW (one kernel for all parameters); auto: on CUDA."""
+    compile: bool = False
+    """torch.compile the model before training."""
+    checkpointing: Literal["full", "selective", "offload"] = "full"
+    """With gradient_checkpointing: full recomputes each layer; selective keeps attention outputs; offload also
+    moves saved activations to CPU memory (long sequences)."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.lr_warmup_steps and self.lr_warmup_ratio:
             raise ValueError("set train.lr_warmup_steps or train.lr_warmup_ratio, not both")
         if self.early_stopping_patience is not None:
@@ -218,7 +275,7 @@ class CheckConfig(_Section):
     """A function "module:function" or "path/to/file.py:function", called as f(answer, reference, prompt) -> bool | float."""
 
     @model_validator(mode="after")
-    def _exactly_one_kind(self) -> "CheckConfig":
+    def _exactly_one_kind(self) -> CheckConfig:
         if (self.regex is None) == (self.python is None):
             raise ValueError("a check needs exactly one of regex or python")
         return self
@@ -281,6 +338,45 @@ class ClassifyConfig(_Section):
     """Freeze the whole backbone and train only the classification head (needs method.type full)."""
 
 
+class TokenClassifyConfig(_Section):
+    tokens_field: str = Field("tokens", min_length=1)
+    """Record field holding the words (a list of strings; for Chinese, usually one character each)."""
+    tags_field: str = Field("tags", min_length=1)
+    """Record field holding one BIO tag per word: O, B-TYPE or I-TYPE."""
+    word_separator: Literal["space", "none"] = "space"
+    """How words join into the text the model reads: space (English) or none (Chinese)."""
+
+
+class HeadConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    """Task name in logs and metrics, e.g. intent (letters, digits, _)."""
+    kind: Literal["sequence", "token"]
+    """sequence: one label per text; token: one BIO tag per word."""
+    label_field: str = Field(min_length=1)
+    """Record field with this task's label (kind sequence) or list of BIO tags (kind token); a record
+    without it is unlabelled for this task and adds no loss to its head."""
+    loss_weight: float = Field(1.0, gt=0)
+    """Weight of this head's loss in the sum over heads."""
+
+
+class MultitaskConfig(_Section):
+    heads: list[HeadConfig] = Field(default_factory=list)
+    """The task heads on the shared backbone."""
+    text_field: str = Field("text", min_length=1)
+    """Record field holding the text, when no head is of kind token."""
+    tokens_field: str = Field("tokens", min_length=1)
+    """Record field holding the words, when a head is of kind token (sequence heads read them joined)."""
+    word_separator: Literal["space", "none"] = "space"
+    """How words join into text: space (English) or none (Chinese)."""
+
+    @model_validator(mode="after")
+    def _distinct_heads(self) -> MultitaskConfig:
+        names = [head.name for head in self.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"multitask.heads names must be distinct (got {names})")
+        return self
+
+
 class OutputConfig(_Section):
     dir: str = "runs/dsft-run"
     """Run directory: model or adapter, tokenizer, config.yaml, metrics.jsonl, summary.json, checkpoints/."""
@@ -288,11 +384,16 @@ class OutputConfig(_Section):
     """Replace an existing run directory instead of stopping with an error."""
 
 
+TASK_SECTIONS = {"classify": "classification", "token_classify": "token_classification", "multitask": "multitask"}
+"""Config section of each head task, written only for its task."""
+
+
 class RunConfig(_Section):
     stage: Literal["sft"] = "sft"
     """Training stage: sft (supervised fine-tuning)."""
-    task: Literal["causal_lm", "classification"] = "causal_lm"
-    """What the model learns: causal_lm (SFT on text) or classification (a label per text, with a classification head)."""
+    task: Literal["causal_lm", "classification", "token_classification", "multitask"] = "causal_lm"
+    """What the model learns: causal_lm (SFT on text), classification (a label per text), token_classification
+    (a BIO tag per word, e.g. entities) or multitask (several heads on one backbone)."""
     model: ModelConfig
     """The model to fine-tune."""
     data: DataConfig
@@ -307,21 +408,33 @@ class RunConfig(_Section):
     """Where the run is written."""
     classify: ClassifyConfig = ClassifyConfig()
     """Settings for task classification: fields, loss, class weights, head only."""
+    token_classify: TokenClassifyConfig = TokenClassifyConfig()
+    """Settings for task token_classification: word and tag fields."""
+    multitask: MultitaskConfig = MultitaskConfig()
+    """Settings for task multitask: the heads and the text fields."""
+    stages: list[dict[str, Any]] = []
+    """Multi-stage run: stages trained in order, each a name plus sections that replace this config's
+    (task, data, method, train, eval, classify, ...), each starting from the previous stage's weights."""
 
     @model_validator(mode="after")
-    def _packs_hold_a_sample(self) -> "RunConfig":
+    def _packs_hold_a_sample(self) -> RunConfig:
         if self.train.pack_tokens is not None and self.train.pack_tokens < self.data.max_length_tokens:
             raise ValueError("train.pack_tokens must be at least data.max_length_tokens, or a sample could fit no row")
         return self
 
     @model_validator(mode="after")
-    def _classify_settings_match_task(self) -> "RunConfig":
-        if self.task != "classification":
-            if "classify" in self.model_fields_set:
-                raise ValueError(f"classify is set but task is {self.task!r}; set task: classification")
+    def _task_settings_match_task(self) -> RunConfig:
+        for section, task in TASK_SECTIONS.items():
+            if section in self.model_fields_set and self.task != task and not self.stages:
+                raise ValueError(f"{section} is set but task is {self.task!r}; set task: {task}")
+        if self.task == "multitask" and not self.multitask.heads:
+            raise ValueError("task multitask needs multitask.heads")
+        if self.task == "causal_lm":
             return self
         if self.train.packing:
-            raise ValueError("train.packing does not apply to task classification (one label per sequence)")
+            raise ValueError(f"train.packing applies to task causal_lm only (task is {self.task!r})")
+        if self.task != "classification":
+            return self
         if self.classify.head_only and self.method.type != "full":
             raise ValueError(f"classify.head_only needs method.type full (got {self.method.type!r}): it freezes the backbone itself")
         return self
@@ -329,13 +442,25 @@ class RunConfig(_Section):
     # Key path -> (the text the config wrote, e.g. "${DATA}/train.jsonl"; the value it validated to):
     # dump_config writes the text back where the value is unchanged, so no variable's value is saved.
     _env_references: dict[tuple, tuple[str, Any]] = PrivateAttr(default_factory=dict)
+    # The validated config of each entry of stages (this config with the stage's sections merged in).
+    _stage_configs: list[RunConfig] = PrivateAttr(default_factory=list)
+
+    @property
+    def stage_configs(self) -> list[RunConfig]:
+        """The run config of each stage, in order (empty for a single-stage run)."""
+        return self._stage_configs
+
+
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_STAGE_FIXED = ("model", "output", "stages")
+"""Top-level sections a stage cannot set: the model is the previous stage's, the output dir is the run's."""
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config; raises DsftError naming the key and the file line."""
     path = Path(path)
-    text = _read_text(path)
-    raw = _parse_yaml(text, path)
+    text = read_text(path)
+    raw = parse_yaml(text, path)
     for override in overrides:
         apply_override(raw, override)
     return validate_config(raw, source=str(path), yaml_text=text)
@@ -348,21 +473,43 @@ def validate_config(raw: dict, source: str = "config", yaml_text: str | None = N
     """
     expanded, references, problems = expand_env_references(raw)
     if problems:
-        raise _invalid(source, [f"{_where(path, yaml_text)}: {problem}" for path, problem in problems])
+        raise invalid(source, [f"{where(path, yaml_text)}: {problem}" for path, problem in problems])
     try:
         config = RunConfig.model_validate(expanded)
     except ValidationError as exc:
-        raise _invalid(source, [_describe(err, yaml_text) for err in exc.errors()]) from None
+        raise invalid(source, [describe(err, yaml_text, RunConfig, SECRET_KEYS) for err in exc.errors()]) from None
+    config._stage_configs = _validate_stages(expanded, source, yaml_text)
     dumped = config.model_dump(mode="json")
-    config._env_references = {path: (text, _lookup(dumped, path)) for path, text in references.items()}
+    config._env_references = {path: (text, lookup(dumped, path)) for path, text in references.items()}
     for path in SECRET_KEYS:
-        if _lookup(dumped, path) not in (None, _MISSING) and path not in references:
+        if lookup(dumped, path) not in (None, MISSING) and path not in references:
             _warn_literal_secret(source, ".".join(path))
     return config
 
 
-def _invalid(source: str, lines: list[str]) -> DsftError:
-    return DsftError(f"invalid config {source}:\n" + "\n".join(f"  - {line}" for line in lines))
+def _validate_stages(expanded: dict, source: str, yaml_text: str | None) -> list[RunConfig]:
+    """Each stage's config: the top-level config with the stage's sections merged in, validated;
+    errors name stages.N.key and its line."""
+    base = {key: value for key, value in expanded.items() if key != "stages"}
+    configs, problems, names = [], [], set()
+    for i, stage in enumerate(expanded.get("stages") or []):
+        stage = dict(stage)
+        name = stage.pop("name", None)
+        fixed = [key for key in _STAGE_FIXED if key in stage]
+        if not isinstance(name, str) or not _STAGE_NAME.match(name) or name in names:
+            problems.append(f"{where(('stages', i, 'name'), yaml_text)}: each stage needs a distinct name of letters, "
+                            f"digits, _ and - (got {name!r})")
+        elif fixed:
+            problems.append(f"{where(('stages', i, fixed[0]), yaml_text)}: a stage cannot set {fixed[0]}; the first stage "
+                            "starts from the top-level model, each later one from the stage before, under output.dir")
+        names.add(name)
+        try:
+            configs.append(RunConfig.model_validate(deep_merge(base, stage)))
+        except ValidationError as exc:
+            problems += [describe(err, yaml_text, RunConfig, SECRET_KEYS, ("stages", i)) for err in exc.errors()]
+    if problems:
+        raise invalid(source, problems)
+    return configs
 
 
 def _warn_literal_secret(source: str, key: str) -> None:
@@ -370,67 +517,6 @@ def _warn_literal_secret(source: str, key: str) -> None:
     message = (f"{source}: {key} holds a literal secret; write an environment reference such as "
                "${HF_TOKEN} so the file holds none (the value itself is never saved)")
     warnings.warn(message, UserWarning, stacklevel=3)
-
-
-def expand_env_references(raw: Any) -> tuple[Any, dict[tuple, str], list[tuple[tuple, str]]]:
-    """Replace ${NAME} and ${NAME:-default} in every string of raw by the environment's values.
-
-    Returns the expanded copy, key path -> original text of each string that had a reference, and
-    (key path, problem) for each malformed reference and each variable that is not set and has no default.
-    As in the shell, a default also replaces a variable that is set but empty.
-    """
-    references: dict[tuple, str] = {}
-    problems: list[tuple[tuple, str]] = []
-
-    def walk(node: Any, path: tuple) -> Any:
-        if isinstance(node, dict):
-            return {key: walk(value, (*path, key)) for key, value in node.items()}
-        if isinstance(node, list):
-            return [walk(value, (*path, i)) for i, value in enumerate(node)]
-        if not (isinstance(node, str) and "${" in node):
-            return node
-        references[path] = node
-        try:
-            return _expand(node)
-        except ValueError as exc:
-            problems.append((path, str(exc)))
-            return node
-
-    return walk(raw, ()), references, problems
-
-
-def _expand(text: str) -> str:
-    if "${" in _ENV_REFERENCE.sub("", text):
-        raise ValueError("malformed environment reference; write ${NAME} or ${NAME:-default} (NAME: letters, digits, _)")
-
-    def value_of(match: re.Match) -> str:
-        name, default = match.groups()
-        value = os.environ.get(name)
-        if default is not None and not value:
-            return default
-        if value is None:
-            raise ValueError(f"environment variable {name} is not set; set it, or write ${{{name}:-default}}")
-        return value
-
-    return _ENV_REFERENCE.sub(value_of, text)
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one `key.path=value` override in place; the value is parsed as YAML (1e-4, true, [a, b])."""
-    key, sep, value_text = override.partition("=")
-    if not sep or not key.strip():
-        raise DsftError(f"--set {override!r}: expected key.path=value, e.g. train.learning_rate=1e-4")
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise DsftError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
-        node[parts[-1]] = value_text
 
 
 def dump_config(config: RunConfig) -> str:
@@ -445,122 +531,18 @@ def dump_config(config: RunConfig) -> str:
     for other in ("lora", "freeze"):
         if other != config.method.type:
             del raw["method"][other]
-    if config.task != "classification":
-        del raw["classify"]
+    for section, task in TASK_SECTIONS.items():
+        if config.task != task and not config.stages:
+            del raw[section]
+    if not config.stages:
+        del raw["stages"]
     for path in SECRET_KEYS:
-        _assign(raw, path, None)
+        assign(raw, path, None)
     for path, (text, loaded_value) in config._env_references.items():
-        current = _lookup(raw, path)
-        if current is not _MISSING and (current == loaded_value or path in SECRET_KEYS):
-            _assign(raw, path, text)
+        current = lookup(raw, path)
+        if current is not MISSING and (current == loaded_value or path in SECRET_KEYS):
+            assign(raw, path, text)
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
-
-
-def _lookup(node: Any, path: tuple) -> Any:
-    """The value at a key path (dict keys and list indexes) of a dumped config, or _MISSING."""
-    for part in path:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            return _MISSING
-    return node
-
-
-def _assign(node: Any, path: tuple, value: Any) -> None:
-    """Set the value at a key path that _lookup finds."""
-    for part in path[:-1]:
-        node = node[part]
-    node[path[-1]] = value
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DsftError(f"config file not found: {path}")
-    return path.read_text(encoding="utf-8")
-
-
-def _parse_yaml(text: str, path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise DsftError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise DsftError(f"{path}: the config must be a mapping with sections model, data, method, train, eval, output")
-    return raw
-
-
-def _describe(err: dict, yaml_text: str | None, root: type[BaseModel] | None = None) -> str:
-    where = _where(err["loc"], yaml_text)
-    if err["type"] == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(err["loc"][:-1], root or RunConfig))
-        return f"{where}: unknown key; allowed here: {allowed}"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    value = err.get("input")
-    # A whole section (for a check across its keys) or a secret is not echoed: it may hold a token.
-    if isinstance(value, dict) or tuple(map(str, err["loc"])) in SECRET_KEYS:
-        return f"{where}: {err['msg']}"
-    return f"{where}: {err['msg']} (got {value!r})"
-
-
-def _where(loc: tuple, yaml_text: str | None) -> str:
-    """The key path of loc, with its YAML line where the text has it: "train.seed (line 7)"."""
-    parts = [str(part) for part in loc]
-    key = ".".join(parts) or "(top level)"
-    line = _yaml_line(yaml_text, parts)
-    return f"{key} (line {line})" if line else key
-
-
-def _allowed_keys(parent_loc: tuple, root: type[BaseModel]) -> list[str]:
-    model = root
-    for part in parent_loc:
-        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _yaml_line(yaml_text: str | None, loc: list[str]) -> int | None:
-    """1-based line of the deepest key of loc that exists in the YAML text, if any."""
-    if not yaml_text:
-        return None
-    try:
-        node = yaml.compose(yaml_text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        match = next(((k, v) for k, v in node.value if k.value == part), None)
-        if match is None:
-            break
-        line, node = match[0].start_mark.line + 1, match[1]
-    return line
-
-
-def load_yaml_model(path: str | Path, model: type[BaseModel], overrides=()) -> BaseModel:
-    """Read a YAML file into another typed config (e.g. data preparation), with the run config's rules:
-    --set overrides, ${NAME} references, errors naming the key path and line. Raises DsftError."""
-    path = Path(path)
-    text = _read_text(path)
-    raw = _parse_yaml(text, path)
-    for override in overrides:
-        apply_override(raw, override)
-    expanded, _, problems = expand_env_references(raw)
-    if problems:
-        raise _invalid(str(path), [f"{_where(loc, text)}: {problem}" for loc, problem in problems])
-    try:
-        return model.model_validate(expanded)
-    except ValidationError as exc:
-        raise _invalid(str(path), [_describe(err, text, model) for err in exc.errors()]) from None
 
 
 def validate_files(paths) -> bool:

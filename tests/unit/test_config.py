@@ -144,7 +144,7 @@ def test_shipped_examples_validate(capsys):
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "method:\n  type: freeze\n"))
     method = yaml.safe_load(dump_config(config))["method"]
-    assert method == {"type": "freeze", "freeze": {"trainable_layers": 2, "train_embeddings": False}}
+    assert method == {"type": "freeze", "freeze": {"trainable_layers": 2, "train_embeddings": False}, "unfreeze": []}
 
 
 def test_shipped_data_preparation_example_validates():
