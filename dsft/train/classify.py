@@ -23,14 +23,14 @@ from dsft.eval.classification import classification_report
 from dsft.models.load import BASE_MODEL_DIR, build_classifier, build_tokenizer
 from dsft.models.method import apply_method, count_parameters, train_head_only
 from dsft.train import run_dir as rd
-from dsft.train.sft import (
-    _build_trainer,
-    _checkpoint_to_resume,
-    _data_fingerprints,
-    _format_number,
-    _save_model,
-    _summary,
-    _train,
+from dsft.train.loop import (
+    build_trainer,
+    checkpoint_to_resume,
+    data_fingerprints,
+    format_number,
+    run_summary,
+    save_model,
+    train_guarded,
 )
 
 
@@ -90,7 +90,7 @@ def run_classify(
     if config.classify.class_weights == "balanced":
         weights = balanced_class_weights([row["labels"] for row in train_rows], len(labels))
         console.print("class weights: " + ", ".join(f"{label} {w:.3f}" for label, w in zip(labels, weights)))
-    trainer, guards = _build_trainer(
+    trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_loss_func=ClassificationLoss(config.classify, weights),
@@ -98,23 +98,21 @@ def run_classify(
         preprocess_logits_for_metrics=_predicted_ids,
     )
     trainer.label_names = ["labels"]
-    checkpoint = _checkpoint_to_resume(run_dir, console) if resume else None
-    train_output = _train(trainer, guards, checkpoint, config.train, resume_command)
+    checkpoint = checkpoint_to_resume(run_dir, console) if resume else None
+    train_output = train_guarded(trainer, guards, checkpoint, config.train, resume_command)
     eval_loss, report = _final_evaluation(trainer, validation_rows, labels, guards.metrics.write)
 
     # Save: adapter or full model (labels in config.json id2label), tokenizer, then the numbers.
-    _save_model(trainer, tokenizer, run_dir, config)
+    save_model(trainer, tokenizer, run_dir, config)
     if config.method.type == "lora":
         # The adapter files hold no labels; config.json beside them does, for dsft predict and plain transformers.
         trainer.model.get_base_model().config.save_pretrained(run_dir)
-    summary = _summary(config, train_output, eval_loss, stats, counts, None, None, started_s, trainer)
-    for key in ("exact_match_before", "exact_match_after", "exact_match_samples"):
-        del summary[key]
+    summary = run_summary(config, train_output, eval_loss, stats, counts, started_s, trainer)
     summary.update(task="classification", labels=labels, head_only=config.classify.head_only,
                    loss=config.classify.loss, class_weights=weights)
     summary.update({key: report[key] if report else None for key in ("accuracy", "macro_f1", "micro_f1")})
     summary["classification"] = report
-    summary["data_fingerprints"] = _data_fingerprints(config.data)
+    summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
@@ -208,5 +206,5 @@ def _print_summary(console: Console, summary: dict, run_dir: Path) -> None:
     table.add_column("value", justify="right")
     for key in ("steps", "final_train_loss", "final_eval_loss", "accuracy", "macro_f1", "wall_time_s"):
         if summary[key] is not None:
-            table.add_row(key, _format_number(summary[key]))
+            table.add_row(key, format_number(summary[key]))
     console.print(table)
