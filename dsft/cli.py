@@ -54,15 +54,19 @@ def train(
     _stage(run_config.task)(run_config, resume=resume, resume_command=resume_command)
 
 
+STAGES = {
+    "causal_lm": "dsft.train.sft:run_sft",
+    "classification": "dsft.train.classify:run_classify",
+}
+"""task -> "module:function" that trains it, called as f(config, resume=, resume_command=)."""
+
+
 def _stage(task: str):
-    """The training function of a task: run_classify or run_sft."""
-    if task == "classification":
-        from dsft.train.classify import run_classify
+    """The training function of a task (imported on use: dsft --help loads no torch)."""
+    import importlib
 
-        return run_classify
-    from dsft.train.sft import run_sft
-
-    return run_sft
+    module_name, function_name = STAGES[task].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 @app.command()

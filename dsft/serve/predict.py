@@ -1,12 +1,14 @@
-"""Label a file of records with a classification run: one output line per input record.
+"""Label a file of records with a classifier run (any head task): one output line per input record.
 
-Each line is the input record plus "prediction" (the label with the highest probability) and
-"scores" ({label: probability}). Texts are tokenized as in training (the tokenizer's special
-tokens, truncated to data.max_length_tokens). The input file is only read.
+Each line is the input record plus the task's predictions; for task classification "prediction"
+(the label with the highest probability) and "scores" ({label: probability}). Texts are tokenized
+as in training (the tokenizer's special tokens, truncated to data.max_length_tokens). The input
+file is only read; the output is written aside and renamed into place.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -31,27 +33,54 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
     if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
         raise DsftError(f"--output {output_path} is the input file; predictions are never written over the input")
     model, tokenizer, config = load_run(run_dir)
-    if config.task != "classification":
-        raise DsftError(f"{run_dir}: a {config.task} run; dsft predict needs a run trained with task: classification")
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if config.task not in PREDICTORS:
+        raise DsftError(f"{run_dir}: a {config.task} run; dsft predict needs a run trained with task: "
+                        f"{' | '.join(PREDICTORS)}")
+    module_name, function_name = PREDICTORS[config.task].split(":")
+    predict_batch = getattr(importlib.import_module(module_name), function_name)
     count = 0
     partial = output_path.with_name(output_path.name + ".partial")
     try:
-        with open(partial, "w", encoding="utf-8") as out:
+        with open(partial, "w", encoding="utf-8") as out, torch.no_grad():
             for batch in _batches(read_records(input_path), config.eval.batch_size):
-                texts = [text_of(record, config.classify.text_field) for record in batch]
-                with torch.no_grad():
-                    probabilities_BC = _probabilities(model, tokenizer, texts, config.data.max_length_tokens)
-                for record, row in zip(batch, probabilities_BC.tolist()):
-                    best = max(range(len(row)), key=row.__getitem__)
-                    line = {**record.data, "prediction": labels[best], "scores": dict(zip(labels, row))}
-                    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                for record, predicted in zip(batch, predict_batch(model, tokenizer, config, batch)):
+                    out.write(json.dumps({**record.data, **predicted}, ensure_ascii=False) + "\n")
                     count += 1
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, output_path)  # a failed run leaves no half-written output under the real name
     return count
+
+
+PREDICTORS = {
+    "classification": "dsft.serve.predict:predict_labels",
+}
+"""task -> "module:function" called as f(model, tokenizer, config, records) -> the fields to add to each record."""
+
+
+def predict_labels(model, tokenizer, config, records: Sequence[RawRecord]) -> list[dict]:
+    """Sequence classification: {"prediction", "scores"} per record. A record that carries the label field
+    must hold a label the run was trained on (DsftError naming the record otherwise)."""
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    texts = [text_of(record, config.classify.text_field) for record in records]
+    for record in records:
+        check_known_label(record, config.classify.label_field, labels)
+    probabilities_BC = _probabilities(model, tokenizer, texts, config.data.max_length_tokens)
+    predicted = []
+    for row in probabilities_BC.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        predicted.append({"prediction": labels[best], "scores": dict(zip(labels, row))})
+    return predicted
+
+
+def check_known_label(record: RawRecord, label_field: str, labels: Sequence[str]) -> None:
+    """A label present in a record to predict must be one the model knows, or scores against it mean nothing."""
+    if label_field in record.data and record.data[label_field] is not None:
+        label = str(record.data[label_field])
+        if label not in labels:
+            raise DsftError(f"{record.source}: field {label_field!r} is {label!r}, a label not seen in training; "
+                            f"the run knows: {', '.join(labels)}")
 
 
 def _probabilities(model, tokenizer, texts: Sequence[str], max_length_tokens: int):
