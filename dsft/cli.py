@@ -51,6 +51,11 @@ def train(
     overrides = "".join(f" --set {shlex.quote(item)}" for item in set_)
     resume_command = f"dsft train {shlex.quote(str(config))}{overrides} --resume"
     run_config = load_config(config, set_)
+    if run_config.stages:
+        from dsft.train.stages import run_stages
+
+        run_stages(run_config, _stage, resume=resume, resume_command=resume_command)
+        return
     _stage(run_config.task)(run_config, resume=resume, resume_command=resume_command)
 
 

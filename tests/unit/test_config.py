@@ -155,3 +155,22 @@ def test_shipped_data_preparation_example_validates():
     config = load_yaml_model(root / "examples" / "prepare" / "support.yaml", PrepareConfig)
     assert [step.step for step in config.steps] == ["clean", "filter_quality", "pii", "dedup"]
     assert (root / config.inputs[0]).is_file()
+
+
+def test_stages_merge_into_the_config_and_errors_name_the_stage(tmp_path):
+    stages = ("stages:\n  - name: domain\n    train:\n      max_steps: 5\n"
+              "  - name: task\n    task: classification\n    train:\n      bogus: 1\n      learning_rate: -1\n"
+              "  - name: domain\n  - name: other\n    model:\n      preset: tiny-qwen2\n")
+    with pytest.raises(DsftError) as error:
+        load_config(write(tmp_path, MINIMAL + stages))
+    message = str(error.value)
+    assert "stages.1.train.bogus (line 12): unknown key; allowed here: learning_rate" in message
+    assert "stages.1.train.learning_rate (line 13): Input should be greater than 0 (got -1)" in message
+    assert "stages.2.name (line 14): each stage needs a distinct name" in message
+    assert "stages.3.model (line 16): a stage cannot set model" in message
+    config = load_config(write(tmp_path, MINIMAL + "train:\n  seed: 7\nstages:\n  - name: a\n    train:\n      max_steps: 5\n"
+                               "  - name: b\n    task: classification\n"))
+    first, second = config.stage_configs
+    assert (first.train.max_steps, first.train.seed, first.task) == (5, 7, "causal_lm")
+    assert (second.train.max_steps, second.task) == (None, "classification")
+    assert yaml.safe_load(dump_config(config))["stages"][1] == {"name": "b", "task": "classification"}
