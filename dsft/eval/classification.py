@@ -22,19 +22,24 @@ def normalize_label(text: str) -> str:
     return re.sub(r"[\s\W]+$", "", text)
 
 
-def classification_report(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """Metrics of predicted labels against reference labels (pairs with a None reference are left out)."""
+def classification_report(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> dict:
+    """Metrics of predicted labels against reference labels (pairs with a None reference are left out).
+
+    normalize compares labels as normalize_label does (for generated answers); a classifier's
+    labels are exact names and pass normalize=False.
+    """
     from sklearn.metrics import (
         accuracy_score,
         confusion_matrix,
         precision_recall_fscore_support,
     )
 
+    norm = normalize_label if normalize else str
     pairs = [(p, r) for p, r in zip(predictions, references) if r is not None]
-    labels = sorted({normalize_label(r) for _, r in pairs})
+    labels = sorted({norm(r) for _, r in pairs})
     known = set(labels)
-    y_true = [normalize_label(r) for _, r in pairs]
-    y_pred = [normalize_label(p) if normalize_label(p) in known else OTHER for p, _ in pairs]
+    y_true = [norm(r) for _, r in pairs]
+    y_pred = [norm(p) if norm(p) in known else OTHER for p, _ in pairs]
     columns = labels + ([OTHER] if OTHER in y_pred else [])
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {

@@ -20,6 +20,7 @@ from dsft.config import ClassifyConfig, RunConfig
 from dsft.data.dataset import DataStats
 from dsft.data.labels import balanced_class_weights, build_classify_datasets, load_labelled
 from dsft.eval.classification import classification_report
+from dsft.eval.error_analysis import write_error_analysis
 from dsft.models.load import BASE_MODEL_DIR, build_classifier, build_tokenizer
 from dsft.models.method import apply_method, count_parameters, train_head_only
 from dsft.train import run_dir as rd
@@ -90,14 +91,18 @@ def run_classify(
     if config.classify.class_weights == "balanced":
         weights = balanced_class_weights([row["labels"] for row in train_rows], len(labels))
         console.print("class weights: " + ", ".join(f"{label} {w:.3f}" for label, w in zip(labels, weights)))
+    # Validation texts as the model saw them (decoded after truncation), for the error analysis.
+    validation_texts = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in validation_rows]
+    metrics = _Metrics(labels, validation_texts, run_dir)
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_loss_func=ClassificationLoss(config.classify, weights),
-        compute_metrics=_Metrics(labels),
+        compute_metrics=metrics,
         preprocess_logits_for_metrics=_predicted_ids,
     )
     trainer.label_names = ["labels"]
+    metrics.trainer = trainer
     checkpoint = checkpoint_to_resume(run_dir, console) if resume else None
     train_output = train_guarded(trainer, guards, checkpoint, config.train, resume_command)
     eval_loss, report = _final_evaluation(trainer, validation_rows, labels, guards.metrics.write)
@@ -112,6 +117,7 @@ def run_classify(
                    loss=config.classify.loss, class_weights=weights)
     summary.update({key: report[key] if report else None for key in ("accuracy", "macro_f1", "micro_f1")})
     summary["classification"] = report
+    summary["worst_confusions"] = metrics.worst_confusions
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
     rd.write_summary(run_dir, summary)
@@ -163,18 +169,27 @@ def _predicted_ids(logits, labels):
 
 
 class _Metrics:
-    """compute_metrics: accuracy, macro and micro F1 of argmax predictions (logged as eval_*)."""
+    """compute_metrics: accuracy, macro and micro F1 of argmax predictions (logged as eval_*); each evaluation
+    also writes its confusion matrix (PNG and table) and most confused pairs into RUN/eval/step-N."""
 
-    def __init__(self, labels: list[str]):
-        self.labels = labels
+    def __init__(self, labels: list[str], texts: list[str], run_dir: Path):
+        self.labels, self.texts, self.run_dir = labels, texts, run_dir
+        self.trainer = None  # set once the trainer exists: evaluations are named by its step
+        self.worst_confusions: list[dict] = []
 
     def __call__(self, eval_prediction) -> dict:
-        report = _report(eval_prediction.predictions, eval_prediction.label_ids, self.labels)
+        predictions = [self.labels[int(i)] for i in eval_prediction.predictions]
+        references = [self.labels[int(i)] for i in eval_prediction.label_ids]
+        report = classification_report(predictions, references, normalize=False)
+        step = self.trainer.state.global_step if self.trainer is not None else 0
+        self.worst_confusions = write_error_analysis(self.run_dir / "eval" / f"step-{step}", report, predictions,
+                                                     references, self.texts, f"validation at step {step}")
         return {key: report[key] for key in ("accuracy", "macro_f1", "micro_f1")}
 
 
 def _report(predicted_ids, label_ids, labels: list[str]) -> dict:
-    return classification_report([labels[int(i)] for i in predicted_ids], [labels[int(i)] for i in label_ids])
+    return classification_report([labels[int(i)] for i in predicted_ids], [labels[int(i)] for i in label_ids],
+                                 normalize=False)
 
 
 def _final_evaluation(trainer, validation_rows, labels, write) -> tuple[float | None, dict | None]:

@@ -64,6 +64,10 @@ def test_full_classifier_learns_and_saves_its_labels(full_run):
     assert not list(full_run.glob("*.bin"))
     eval_records = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
     assert eval_records and eval_records[-1]["eval_accuracy"] == summary["accuracy"]
+    analysis = full_run / "eval" / "step-30"
+    assert (analysis / "confusion_matrix.png").is_file() and (analysis / "worst_confusions.json").is_file()
+    assert "| reference \\ prediction | distance | money | weight |" in (analysis / "confusion_matrix.md").read_text()
+    assert summary["worst_confusions"] == json.loads((analysis / "worst_confusions.json").read_text())
 
 
 def test_predict_writes_the_argmax_of_the_model(full_run, labelled_data, tmp_path):
