@@ -62,8 +62,14 @@ def run_eval(
     target_path: str, data_path: str, against_path: str | None = None, out_dir: str | None = None,
     overrides: list[str] | tuple[str, ...] = (), console: Console | None = None,
 ) -> dict:
-    """Evaluate target (and against) on data_path; writes results.json, report.md and PNGs into out_dir."""
+    """Evaluate target (and against) on data_path; writes results.json, report.md and PNGs into out_dir.
+    A classifier run is scored on its labels instead (dsft/eval/evaluate_heads.py)."""
     from transformers import set_seed
+
+    from dsft.eval.evaluate_heads import head_task, run_head_eval
+
+    if head_task(target_path) is not None:
+        return run_head_eval(target_path, data_path, against_path, out_dir, overrides, console)
 
     console = console or Console(soft_wrap=True)
     target = _on_device(load_target(target_path))

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dsft.cli import app
 from dsft.config import load_config
+from dsft.errors import DsftError
 from dsft.models.load import load_run
 from dsft.train.classify import run_classify
 
@@ -126,3 +127,26 @@ def test_head_only_trains_only_the_score_head(tmp_path, labelled_data):
                            classify={"head_only": True}, train={"max_steps": 1})
     result = run_classify(load_config(path))
     assert {n for n, p in result.model.named_parameters() if p.requires_grad} == {"score.weight"}
+
+
+def test_eval_scores_a_classifier_run_with_error_analysis(full_run, labelled_data, tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", str(full_run), "--data", str(labelled_data), "--against", str(full_run),
+                                      "--out", str(out), "--set", "eval.bootstrap_resamples=50"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    target, against = results["models"]["target"], results["models"]["against"]
+    assert results["task"] == "classification" and results["data"]["records"] == 96
+    assert target["headline"] == against["headline"] and target["headline"]["accuracy"] >= 0.8
+    low, high = target["intervals"]["accuracy"]
+    assert low <= target["headline"]["accuracy"] <= high
+    assert sum(map(sum, target["classification"]["confusion_matrix"])) == 96
+    assert target["speed"]["records_per_s"] > 0
+    assert (out / "target" / "confusion_matrix.png").is_file() and "Confusion matrix" in (out / "report.md").read_text()
+
+
+def test_eval_of_a_classifier_names_a_record_without_label(full_run, tmp_path):
+    data = tmp_path / "unlabelled.jsonl"
+    data.write_text('{"text": "3 km", "label": "distance"}\n{"text": "5 kg"}\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(full_run), "--data", str(data)])
+    assert isinstance(result.exception, DsftError) and f"{data}:2: field 'label' is missing" in str(result.exception)
