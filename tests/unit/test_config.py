@@ -136,7 +136,7 @@ def test_every_field_has_a_docstring():
 
 def test_shipped_examples_validate(capsys):
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
-    assert [p.name for p in examples] == ["quickstart.yaml", "r1_distill_lora.yaml"]
+    assert [p.name for p in examples] == ["quickstart.yaml", "r1_distill_lora.yaml", "support_intent.yaml"]
     assert validate_files(examples)
     assert capsys.readouterr().out.count("ok ") == 2
 
