@@ -138,7 +138,7 @@ def test_shipped_examples_validate(capsys):
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
     assert [p.name for p in examples] == ["quickstart.yaml", "r1_distill_lora.yaml", "support_intent.yaml"]
     assert validate_files(examples)
-    assert capsys.readouterr().out.count("ok ") == 2
+    assert capsys.readouterr().out.count("ok ") == 3
 
 
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
