@@ -56,29 +56,36 @@ def train(
 
         run_stages(run_config, _stage, resume=resume, resume_command=resume_command)
         return
-    _stage(run_config.task)(run_config, resume=resume, resume_command=resume_command)
+    _stage(run_config)(run_config, resume=resume, resume_command=resume_command)
 
 
 STAGES = {
     "causal_lm": "dsft.train.sft:run_sft",
     "classification": "dsft.train.classify:run_classify",
+    "multitask": "dsft.train.multitask:run_multitask",
+    "token_classification": "dsft.train.token_classify:run_token_classify",
 }
-"""task -> "module:function" that trains it, called as f(config, resume=, resume_command=)."""
+"""task (for stage sft) or stage -> "module:function" that trains it, called as f(config, resume=, resume_command=)."""
 
 
-def _stage(task: str):
-    """The training function of a task (imported on use: dsft --help loads no torch)."""
+def _stage(config):
+    """The training function of a run config (imported on use: dsft --help loads no torch)."""
     import importlib
 
-    module_name, function_name = STAGES[task].split(":")
+    from dsft.errors import DsftError
+
+    key = config.task if config.stage == "sft" else config.stage
+    if key not in STAGES:
+        raise DsftError(f"{key} cannot be trained by this version of dsft; it trains: {', '.join(STAGES)}")
+    module_name, function_name = STAGES[key].split(":")
     return getattr(importlib.import_module(module_name), function_name)
 
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory of a classification run (task: classification).")],
+    run: Annotated[Path, typer.Argument(help="Run directory of a classification or token_classification run.")],
     input_file: Annotated[Path, typer.Option("--input", help="Records to classify (jsonl, json, csv, parquet); never modified.")],
-    output_file: Annotated[Path, typer.Option("--output", help="jsonl written: each input record plus prediction and scores.")],
+    output_file: Annotated[Path, typer.Option("--output", help="jsonl written: each input record plus prediction and scores (tags and entities for token_classification).")],
 ) -> None:
     """Label each record of a file with a classification run's model."""
     from dsft.serve.predict import predict_file

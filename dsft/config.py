@@ -25,7 +25,18 @@ from pydantic import (
     model_validator,
 )
 
-from dsft.config_tasks import ClassifyConfig, HeadConfig, MultitaskConfig, TokenClassifyConfig  # noqa: F401
+from dsft.config_tasks import (  # noqa: F401  (re-exported)
+    ClassifyConfig,
+    DpoConfig,
+    GrpoConfig,
+    HeadConfig,
+    MultitaskConfig,
+    PpoConfig,
+    RewardFunctionConfig,
+    RewardModelConfig,
+    SamplingConfig,
+    TokenClassifyConfig,
+)
 from dsft.errors import DsftError
 from dsft.yaml_config import (  # noqa: F401  (apply_override, expand_env_references, load_yaml_model: re-exported)
     MISSING,
@@ -331,11 +342,14 @@ class OutputConfig(_Section):
 
 TASK_SECTIONS = {"classify": "classification", "token_classify": "token_classification", "multitask": "multitask"}
 """Config section of each head task, written only for its task."""
+STAGE_SECTIONS = ("reward", "dpo", "grpo", "ppo")
+"""Config sections named after their stage, written only for that stage."""
 
 
 class RunConfig(_Section):
-    stage: Literal["sft"] = "sft"
-    """Training stage: sft (supervised fine-tuning)."""
+    stage: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    """Training stage: sft (supervised fine-tuning, or the head task), reward (a reward model on preference
+    pairs), dpo (direct preference optimization), grpo (group relative policy optimization) or ppo."""
     task: Literal["causal_lm", "classification", "token_classification", "multitask"] = "causal_lm"
     """What the model learns: causal_lm (SFT on text), classification (a label per text), token_classification
     (a BIO tag per word, e.g. entities) or multitask (several heads on one backbone)."""
@@ -357,6 +371,14 @@ class RunConfig(_Section):
     """Settings for task token_classification: word and tag fields."""
     multitask: MultitaskConfig = MultitaskConfig()
     """Settings for task multitask: the heads and the text fields."""
+    reward: RewardModelConfig = RewardModelConfig()
+    """Settings for stage reward."""
+    dpo: DpoConfig = DpoConfig()
+    """Settings for stage dpo."""
+    grpo: GrpoConfig = GrpoConfig()
+    """Settings for stage grpo: group size, sampling, KL, clipping, reward components."""
+    ppo: PpoConfig = PpoConfig()
+    """Settings for stage ppo: sampling, GAE, KL and entropy coefficients, clipping, reward components."""
     stages: list[dict[str, Any]] = []
     """Multi-stage run: stages trained in order, each a name plus sections that replace this config's
     (task, data, method, train, eval, classify, ...), each starting from the previous stage's weights."""
@@ -372,6 +394,11 @@ class RunConfig(_Section):
         for section, task in TASK_SECTIONS.items():
             if section in self.model_fields_set and self.task != task and not self.stages:
                 raise ValueError(f"{section} is set but task is {self.task!r}; set task: {task}")
+        for section in STAGE_SECTIONS:
+            if section in self.model_fields_set and self.stage != section and not self.stages:
+                raise ValueError(f"{section} is set but stage is {self.stage!r}; set stage: {section}")
+        if self.stage != "sft" and self.task != "causal_lm":
+            raise ValueError(f"stage {self.stage} trains a causal LM; task must be causal_lm (got {self.task!r})")
         if self.task == "multitask" and not self.multitask.heads:
             raise ValueError("task multitask needs multitask.heads")
         if self.task == "causal_lm":
@@ -478,6 +505,9 @@ def dump_config(config: RunConfig) -> str:
             del raw["method"][other]
     for section, task in TASK_SECTIONS.items():
         if config.task != task and not config.stages:
+            del raw[section]
+    for section in STAGE_SECTIONS:
+        if config.stage != section and not config.stages:
             del raw[section]
     if not config.stages:
         del raw["stages"]

@@ -68,3 +68,98 @@ class MultitaskConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"multitask.heads names must be distinct (got {names})")
         return self
+
+
+class RewardModelConfig(_Section):
+    center_rewards_coefficient: float | None = Field(None, gt=0)
+    """Coefficient of a penalty on the squared mean reward, keeping rewards centred on 0 (TRL); none: off."""
+
+
+class DpoConfig(_Section):
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull toward the reference model: higher stays closer to it."""
+    loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
+    """sigmoid: the DPO loss; ipo: IPO's squared loss (no overfitting to deterministic preferences);
+    robust: DPO robust to label_smoothing's share of flipped labels."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed share of preference pairs whose labels are flipped (loss robust)."""
+    reference: str | None = None
+    """Reference model (local dir or hub id); default: the starting model (with LoRA, the model with its
+    adapter disabled, so no second copy of the weights)."""
+
+
+class RewardFunctionConfig(_Section):
+    kind: Literal["accuracy", "regex", "format", "diversity", "efficiency", "reward_model", "python"]
+    """accuracy: 1 when the final answer equals the reference; regex: 1 when pattern matches; format: 1 for a
+    thinking block followed by an answer; diversity: share of the completion's word bigrams not in the other
+    completions of its group; efficiency: 1 - tokens / max_new_tokens; reward_model: a dsft reward run's
+    score; python: a function f(completion, reference, prompt) -> float."""
+    weight: float = Field(1.0, ge=0)
+    """Weight of this component in the summed reward (e.g. 0.6 accuracy + 0.3 diversity + 0.1 efficiency)."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    """Name in the logs (reward_<name>); default: the kind."""
+    pattern: str | None = None
+    """Regular expression of kind regex (Python re.search)."""
+    model: str | None = None
+    """Run directory of a dsft reward model (stage reward), for kind reward_model."""
+    function: str | None = None
+    """"module:function" or "path/file.py:function" for kind python."""
+
+    @model_validator(mode="after")
+    def _settings_match_kind(self) -> RewardFunctionConfig:
+        needed = {"regex": "pattern", "reward_model": "model", "python": "function"}
+        for kind, key in needed.items():
+            if (self.kind == kind) != (getattr(self, key) is not None):
+                raise ValueError(f"a reward of kind {kind} needs {key}, and {key} belongs to kind {kind} only")
+        return self
+
+
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest sampled completion in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of completions."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+
+
+class GrpoConfig(_Section):
+    group_size: int = Field(4, ge=2)
+    """Completions sampled per prompt; advantages are the rewards normalized within each group."""
+    sampling: SamplingConfig = SamplingConfig()
+    """How completions are sampled."""
+    kl_coef: float = Field(0.04, ge=0)
+    """Weight of the KL penalty to the reference model (beta); 0 needs no reference."""
+    clip_epsilon: float = Field(0.2, gt=0)
+    """Clipping range of the policy ratio."""
+    iterations: int = Field(1, ge=1)
+    """Policy updates per batch of sampled completions."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the standard deviation of the group's rewards, of the batch's, or not at all."""
+    rewards: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(kind="accuracy")])
+    """Reward components, summed with their weights; each is logged separately."""
+
+
+class PpoConfig(_Section):
+    sampling: SamplingConfig = SamplingConfig()
+    """How rollouts are sampled."""
+    rewards: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(kind="accuracy")])
+    """Reward components of a whole completion (given at its last token), summed with their weights."""
+    gamma: float = Field(0.99, ge=0, le=1)
+    """Discount of future rewards per token."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: bias-variance trade-off of the advantage estimate."""
+    kl_coef: float = Field(0.2, ge=0)
+    """Per-token KL penalty to the reference model, subtracted from the reward."""
+    entropy_coef: float = Field(0.01, ge=0)
+    """Entropy bonus weight in the policy loss."""
+    clip_range: float = Field(0.2, gt=0)
+    """Clipping range of the policy ratio."""
+    value_clip_range: float = Field(0.2, gt=0)
+    """Clipping range of the value prediction around its rollout value."""
+    value_loss_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Optimization passes over each batch of rollouts."""
+    whiten_advantages: bool = True
+    """Normalize advantages to mean 0 and standard deviation 1 per batch."""

@@ -32,7 +32,7 @@ def run_stages(config: RunConfig, stage_function: Callable[[str], Callable], res
                console: Console | None = None, resume_command: str = "dsft train CONFIG --resume") -> dict:
     """Train every stage of config in order and write output.dir/summary.json; returns that summary.
 
-    stage_function(task) gives the training function of a task (as `dsft train` dispatches).
+    stage_function(config) gives the training function of a stage's config (as `dsft train` dispatches).
     Raises what the stages raise (DsftError, TrainingInterrupted, TrainingDiverged); a stage that
     stops leaves the finished ones in place for --resume.
     """
@@ -50,7 +50,7 @@ def run_stages(config: RunConfig, stage_function: Callable[[str], Callable], res
         console.rule(f"stage {number}/{len(names)}: {name} ({stage_config.task}, method {stage_config.method.type})")
         if not _finished(stage_dir):
             stage_resume = resume and bool(list_checkpoints(stage_dir / rd.CHECKPOINTS_DIR))
-            stage_function(stage_config.task)(stage_config, resume=stage_resume, console=console,
+            stage_function(stage_config)(stage_config, resume=stage_resume, console=console,
                                               resume_command=resume_command)
         summary = json.loads((stage_dir / rd.SUMMARY_FILE).read_text(encoding="utf-8"))
         results.append({"name": name, "task": stage_config.task, "dir": str(stage_dir),
