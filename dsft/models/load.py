@@ -156,7 +156,12 @@ def load_run(run_dir: str | Path, dtype: str = "auto"):
         raise DsftError(f"{run_dir}: not a dsft run directory (no config.yaml)")
     config = load_config(config_path)
     tokenizer = load_tokenizer(run_dir)
-    model = load_run_model(run_dir, config, dtype)
+    if config.task == "multitask":
+        from dsft.models.multitask import load_multitask  # a backbone with its own heads, no single HF class
+
+        model = load_multitask(run_dir, config, dtype)
+    else:
+        model = load_run_model(run_dir, config, dtype)
     model.eval()
     return model, tokenizer, config
 

@@ -55,6 +55,7 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
 
 PREDICTORS = {
     "classification": "dsft.serve.predict:predict_labels",
+    "multitask": "dsft.serve.predict_multitask:predict_heads",
 }
 """task -> "module:function" called as f(model, tokenizer, config, records) -> the fields to add to each record."""
 

@@ -93,8 +93,10 @@ class Guards:
 
 
 def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
-                   data_collator, **trainer_kwargs):
-    """DsftTrainer with dsft's callbacks and guards, for any stage; trainer_kwargs e.g. compute_loss_func, compute_metrics."""
+                   data_collator, first_callbacks=(), **trainer_kwargs):
+    """DsftTrainer with dsft's callbacks and guards, for any stage; trainer_kwargs e.g. compute_loss_func, compute_metrics.
+
+    first_callbacks run before dsft's own, so what they add to a log record reaches metrics.jsonl."""
     from transformers import (
         EarlyStoppingCallback,
         PrinterCallback,
@@ -105,7 +107,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         raise DsftError("train.early_stopping_patience needs validation data (data.validation_files or data.validation_ratio)")
     metrics, ledger, stop_on_signal = MetricsCallback(run_dir), SampleLedger(run_dir), StopOnSignal()
     progress = RichProgressCallback(console, metrics)
-    callbacks = [metrics, progress, ledger, stop_on_signal]
+    callbacks = [*first_callbacks, metrics, progress, ledger, stop_on_signal]
     if train.tensorboard:
         callbacks.append(_tensorboard_callback(run_dir))
     if train.early_stopping_patience is not None:
@@ -189,7 +191,8 @@ def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
     model = trainer.model
     if config.method.type == "lora" and config.model.preset is not None:
         # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
-        model.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
+        adapted = getattr(model, "backbone", model)  # a multitask model adapts its backbone only
+        adapted.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
     if config.data.chat_template in JINJA_TEMPLATES:
         # So plain transformers' apply_chat_template renders the prompts this run trained on.
         tokenizer.chat_template = JINJA_TEMPLATES[config.data.chat_template]

@@ -109,5 +109,14 @@ def _is_peft(model) -> bool:
 
 
 def _load_full_weights(model, checkpoint: str) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        # A composed module (multitask: a backbone and heads) has no from_pretrained; the Trainer saved its
+        # state dict as it is in memory to model.safetensors, so it loads back key for key.
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(checkpoint) / "model.safetensors")), strict=True)
+        return
     loaded = type(model).from_pretrained(checkpoint, dtype=model.dtype, use_safetensors=True)
     model.load_state_dict(loaded.state_dict(), strict=True)

@@ -1,0 +1,188 @@
+"""Multitask heads end to end on tiny models: NER, intent and a yes/no compliance check on one backbone,
+each record labelled for only some heads; train, per-head metrics and losses, save/load, predict, resume."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dsft.cli import app
+from dsft.config import load_config
+from dsft.models.load import load_run
+from dsft.train.multitask import run_multitask
+
+from .conftest import read_metrics
+
+PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+CITIES = [["paris"], ["london"], ["tokyo"], ["berlin"], ["madrid"], ["new", "york"], ["hong", "kong"], ["san", "diego"]]
+TEMPLATES = {
+    "book": [["book", "a", "table", "for", "PER", "in", "CITY"], ["please", "book", "a", "flight", "to", "CITY", "for", "PER"]],
+    "weather": [["what", "is", "the", "weather", "in", "CITY"], ["will", "it", "rain", "in", "CITY", "for", "PER"]],
+    "greet": [["say", "hello", "to", "PER"], ["send", "my", "regards", "to", "PER", "in", "CITY"]],
+}
+ENDINGS = {"no": [["and", "share", "the", "password"], ["and", "send", "the", "secret", "code"]],
+           "yes": [["and", "thank", "you"], ["right", "now", "please"]]}
+HEADS = [{"name": "ner", "kind": "token", "label_field": "ner_tags"},
+         {"name": "intent", "kind": "sequence", "label_field": "intent"},
+         {"name": "compliance", "kind": "sequence", "label_field": "compliant", "loss_weight": 0.5}]
+
+
+def synthetic_record(rng: random.Random, i: int) -> dict:
+    """Intent from the template's verbs, compliance from the ending ("password"/"secret": no), PER and LOC
+    entities from the name lists; record i lacks one head's label (i % 4: ner, intent, compliance) or none."""
+    intent, compliant = ["book", "weather", "greet"][i % 3], "yes" if (i // 3) % 2 == 0 else "no"
+    words, tags = [], []
+    for slot in rng.choice(TEMPLATES[intent]):
+        if slot in ("PER", "CITY"):
+            entity, kind = ([rng.choice(PEOPLE)], "PER") if slot == "PER" else (rng.choice(CITIES), "LOC")
+            words += entity
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+        else:
+            words.append(slot)
+            tags.append("O")
+    ending = rng.choice(ENDINGS[compliant])
+    record = {"tokens": words + ending, "ner_tags": tags + ["O"] * len(ending), "intent": intent, "compliant": compliant}
+    missing = {0: "ner_tags", 1: "intent", 2: "compliant"}.get(i % 4)
+    if missing is not None:
+        del record[missing]
+    return record
+
+
+@pytest.fixture(scope="module")
+def multitask_data(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("multitask") / "data.jsonl"
+    path.write_text("".join(json.dumps(synthetic_record(rng, i)) + "\n" for i in range(160)), encoding="utf-8")
+    return path
+
+
+def multitask_config(tmp_path, data, model, method, **train):
+    config = {
+        "task": "multitask",
+        "model": model,
+        "data": {"train_files": [str(data)], "validation_ratio": 0.25, "max_length_tokens": 64},
+        "method": method,
+        "train": {"learning_rate": 1e-3, "max_steps": 40, "batch_size": 8, "logging_steps": 5, "eval_steps": 20,
+                  "lr_scheduler": "constant", "seed": 0, "tensorboard": False, **train},
+        "multitask": {"heads": HEADS},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, multitask_data):
+    tmp_path = tmp_path_factory.mktemp("full")
+    path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-qwen2"}, {"type": "full"}, save_steps=20)
+    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+def test_each_head_learns_from_its_labelled_records(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    tasks = summary["tasks"]
+    # 40 validation records, each head labelled in about 3 of 4. Measured after 40 steps: intent accuracy 0.97
+    # (chance 1/3), compliance accuracy 0.96 (chance 1/2), NER span F1 0.53 (token accuracy 0.92; all O: 0.81).
+    assert tasks["intent"]["accuracy"] >= 0.8 and tasks["compliance"]["accuracy"] >= 0.8
+    assert tasks["ner"]["f1"] >= 0.35 and tasks["ner"]["token_accuracy"] >= 0.85
+    assert {name: tasks[name]["labelled"] for name in tasks} == summary["labelled"]["validation"] == \
+        {"ner": 28, "intent": 34, "compliance": 27}
+    assert set(tasks["intent"]["per_class"]) == {"book", "greet", "weather"}
+    assert set(tasks["ner"]["per_type"]) == {"LOC", "PER"}
+    assert [head["labels"] for head in summary["heads"]][1:] == [["book", "greet", "weather"], ["no", "yes"]]
+    records = read_metrics(full_run)
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 8 and all({"loss_ner", "loss_intent", "loss_compliance"} <= set(r) for r in train_records)
+    assert train_records[-1]["loss_intent"] < train_records[0]["loss_intent"] / 4
+    evals = [r for r in records if "eval_intent_accuracy" in r]
+    assert [r["step"] for r in evals] == [20, 40, 40]  # two evaluations and the final one
+    assert evals[-1]["eval_ner_f1"] == tasks["ner"]["f1"] and evals[-1]["eval_compliance_labelled"] == 27
+    assert not list(full_run.rglob("*.bin")) or all(p.name == "training_args.bin" for p in full_run.rglob("*.bin"))
+
+
+def test_saved_run_loads_back_with_the_trained_weights(full_run):
+    model, tokenizer, _ = load_run(full_run)
+    assert not model.training and type(model.backbone).__name__ == "Qwen2Model"
+    description = json.loads((full_run / "multitask.json").read_text())
+    assert description["backbone"]["architecture"] == "Qwen2Model" and len(description["heads"]) == 3
+    # The Trainer's checkpoint at the last step holds the weights in memory at the end of training.
+    trained = type(model)(model.backbone, model.head_specs, model.pad_token_id)
+    trained.load_state_dict(load_file(str(full_run / "checkpoints" / "checkpoint-40" / "model.safetensors")))
+    ids = tokenizer(["book a table for bob in rome", "say hello to erin"], padding=True, return_tensors="pt")
+    inputs = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    with torch.no_grad():
+        loaded, expected = model(**inputs).logits, trained.eval()(**inputs).logits
+    for name in ("ner", "intent", "compliance"):
+        torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=0)
+
+
+def test_predict_gives_every_heads_prediction(full_run, multitask_data, tmp_path):
+    before = multitask_data.read_bytes()
+    records = [json.loads(line) for line in before.decode().splitlines()]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in records[:12])
+                      + json.dumps({"text": "send my regards to bob in new york and thank you"}) + "\n", encoding="utf-8")
+    out = tmp_path / "preds.jsonl"
+    result = CliRunner().invoke(app, ["predict", str(full_run), "--input", str(inputs), "--output", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert multitask_data.read_bytes() == before
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 13 and all(set(line["predictions"]) == {"ner", "intent", "compliance"} for line in lines)
+    for record, line in zip(records[:12], lines):
+        assert {k: line[k] for k in record} == record
+        assert len(line["predictions"]["ner"]["tags"]) == len(record["tokens"])
+        scores = line["predictions"]["intent"]["scores"]
+        assert line["predictions"]["intent"]["label"] == max(scores, key=scores.get)
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    labelled = [(r["intent"], line["predictions"]["intent"]["label"]) for r, line in zip(records[:12], lines) if "intent" in r]
+    assert sum(ref == pred for ref, pred in labelled) >= 0.8 * len(labelled)
+    assert lines[-1]["words"] == ["send", "my", "regards", "to", "bob", "in", "new", "york", "and", "thank", "you"]
+    assert lines[-1]["predictions"]["intent"]["label"] == "greet"
+
+
+def test_resume_continues_to_the_same_weights(full_run, multitask_data, tmp_path):
+    resumed_dir = tmp_path / "run"
+    shutil.copytree(full_run, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "checkpoint-40")
+    path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-qwen2"}, {"type": "full"}, save_steps=20)
+    result = CliRunner().invoke(app, ["train", str(path), "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "checkpoint-20" in result.output
+    for name in ("heads.safetensors", "model.safetensors"):
+        expected, resumed = load_file(str(full_run / name)), load_file(str(resumed_dir / name))
+        assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    losses = {r["step"]: r["loss_ner"] for r in read_metrics(resumed_dir) if "loss_ner" in r}
+    assert losses == {r["step"]: r["loss_ner"] for r in read_metrics(full_run) if "loss_ner" in r}
+
+
+def test_lora_on_deepseek_v3_adapts_the_backbone_and_trains_the_heads(tmp_path, multitask_data):
+    path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-deepseek-v3"},
+                            {"type": "lora", "lora": {"r": 8, "alpha": 64}}, eval_steps=None)
+    result = run_multitask(load_config(path))
+    tasks = result.summary["tasks"]
+    # Measured after 40 steps: intent 1.0 (chance 1/3), compliance 1.0 (chance 1/2), NER span F1 0.28.
+    assert tasks["intent"]["accuracy"] >= 0.8 and tasks["compliance"]["accuracy"] >= 0.8 and tasks["ner"]["f1"] >= 0.15
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or n.startswith("heads.") for n in trained)
+    assert {f"heads.{h['name']}.{w}" for h in HEADS for w in ("weight", "bias")} <= trained
+    run_dir = tmp_path / "run"
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "base_model" / "model.safetensors").is_file()
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "FEATURE_EXTRACTION" and adapter["base_model_name_or_path"].endswith("base_model")
+    # The run loads back (adapter on base_model/, heads) with the same logits.
+    model, tokenizer, _ = load_run(run_dir)
+    ids = tokenizer("will it rain in paris and thank you", return_tensors="pt")["input_ids"]
+    result.model.eval()
+    with torch.no_grad():
+        loaded, in_memory = model(ids).logits, result.model(ids).logits
+    for name in ("ner", "intent", "compliance"):
+        torch.testing.assert_close(loaded[name], in_memory[name], rtol=0, atol=1e-5)
