@@ -20,10 +20,12 @@ from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.train import run_dir as rd
+from dsft.train.adversarial import build_adversary
 from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
 from dsft.train.checkpoints import newest_good_checkpoint
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
+from dsft.train.unfreeze import ProgressiveUnfreezing
 
 
 def data_fingerprints(data) -> dict[str, str]:
@@ -108,6 +110,10 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     metrics, ledger, stop_on_signal = MetricsCallback(run_dir), SampleLedger(run_dir), StopOnSignal()
     progress = RichProgressCallback(console, metrics)
     callbacks = [*first_callbacks, metrics, progress, ledger, stop_on_signal]
+    if config.method.unfreeze:
+        # First: it adds trainable_parameters to the log record that MetricsCallback writes; built before the
+        # Trainer, while every parameter that will ever train still requires grad (and so enters the optimizer).
+        callbacks.insert(0, ProgressiveUnfreezing(model, config.method.unfreeze, console.print, metrics.write))
     if train.tensorboard:
         callbacks.append(_tensorboard_callback(run_dir))
     if train.early_stopping_patience is not None:
@@ -129,6 +135,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         callbacks=callbacks,
         ledger=ledger,
         keep_last_checkpoints=train.keep_last_checkpoints,
+        adversary=build_adversary(train.adversarial, model),
         **trainer_kwargs,
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.
@@ -228,6 +235,8 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "wall_time_s": round(time.perf_counter() - started_s, 2),
         "peak_memory": rd.peak_memory_bytes(),
         "trainable_parameters": counts.trainable,
+        "unfreeze": [entry.model_dump() for entry in config.method.unfreeze] or None,
+        "adversarial": config.train.adversarial.model_dump() if config.train.adversarial.method != "none" else None,
         "total_parameters": counts.total,
         "data": dataclasses.asdict(stats),
     }

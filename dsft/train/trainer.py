@@ -40,9 +40,11 @@ class SampleLedger(TrainerCallback):
 class DsftTrainer(Trainer):
     """Trainer with staged, manifested checkpoints, a sample ledger and a non-finite loss flag."""
 
-    def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, **kwargs):
+    def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ledger = ledger
+        self.adversary = adversary
+        """An EmbeddingAdversary (train.adversarial) that adds attack passes to each step, or None."""
         self.keep_last_checkpoints = keep_last_checkpoints
         self.nonfinite_loss_seen = False
         """Set when a micro-batch loss is NaN/inf; the non-finite guard reads and clears it."""
@@ -54,7 +56,13 @@ class DsftTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        one_pass = super().training_step  # forward, loss scaled for accumulation, backward
+        if self.adversary is None:
+            loss = one_pass(model, inputs, num_items_in_batch)
+        else:
+            unledgered = {k: v for k, v in inputs.items() if k != "sample_id"}  # the ledger counts a batch once
+            loss = self.adversary.step(lambda: one_pass(model, inputs, num_items_in_batch),
+                                       lambda: one_pass(model, unledgered, num_items_in_batch))
         if not bool(loss.isfinite()):
             self.nonfinite_loss_seen = True
         return loss
