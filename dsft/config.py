@@ -249,22 +249,23 @@ class TrainConfig(_Section):
     adversarial: AdversarialConfig = AdversarialConfig()
     """Adversarial training (FGM/PGD on input embeddings), off by default."""
     liger: Literal["auto", "on", "off"] = "auto"
-    """Liger Kernel (fused RMSNorm, RoPE, SwiGLU, linear cross entropy); auto: on CUDA when installed and the
-    architecture is supported."""
+    """Liger Kernel's RMSNorm, RoPE and SwiGLU kernels; auto: on CUDA when liger-kernel is installed and the architecture
+    is a dense one it covers (llama, mistral, qwen2, qwen3); off for DeepSeek V2/V3 (see dsft/models/kernels.py)."""
     chunked_loss: Literal["auto", "on", "off"] = "auto"
-    """Causal-LM loss computed over chunks of tokens, never holding full-vocabulary logits; auto: on CUDA
-    where Liger's fused loss does not apply (e.g. DeepSeek V2/V3)."""
+    """Causal-LM loss computed over chunks of tokens from the hidden states, never holding full-vocabulary logits;
+    auto: on CUDA (on CPU the model's own loss)."""
     loss_chunk_tokens: int = Field(4096, ge=16)
     """Tokens per chunk of the chunked loss."""
     experts: Literal["auto", "eager", "grouped_mm", "batched_mm"] = "auto"
-    """MoE expert computation (transformers experts_implementation); auto: grouped_mm on CUDA, eager elsewhere."""
+    """MoE expert kernel (transformers experts_implementation; grouped_mm also computes LoRA on the experts as grouped
+    low-rank products); auto: grouped_mm where torch has a grouped GEMM for the device, else eager."""
     fused_optimizer: Literal["auto", "on", "off"] = "auto"
-    """Fused AdamW (one kernel for all parameters); auto: on CUDA."""
+    """Fused AdamW (one kernel for all parameters; CUDA and CPU); auto: on."""
     compile: bool = False
-    """torch.compile the model before training."""
+    """torch.compile each decoder layer before training."""
     checkpointing: Literal["full", "selective", "offload"] = "full"
-    """With gradient_checkpointing: full recomputes each layer; selective keeps attention outputs; offload also
-    moves saved activations to CPU memory (long sequences)."""
+    """With gradient_checkpointing: full recomputes each layer; selective keeps attention outputs and recomputes the
+    rest; offload is full with what the recompute needs held in pinned CPU memory (CUDA only; full on CPU)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -18,6 +18,7 @@ from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.data.packing import packed_rows
 from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
+from dsft.models.kernels import optimizer_name
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.train import run_dir as rd
 from dsft.train.adversarial import build_adversary
@@ -61,6 +62,7 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool):
         weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
+        optim=optimizer_name(train.fused_optimizer),
         max_grad_norm=train.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",

@@ -20,6 +20,7 @@ from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.packing import PackedCollator
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
+from dsft.models.kernels import apply_speed_plan, resolve_speed_plan
 from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
@@ -83,12 +84,13 @@ def run_sft(
     model = apply_method(model, config.method)
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    speed = resolve_speed_plan(config.train, model)
+    apply_speed_plan(model, speed)
+    console.print(speed.line())
 
     # Train (the Trainer puts the model on its device, so the score before training runs there too).
-    trainer, guards = build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console, _Collator(tokenizer))
+    trainer, guards = build_trainer(config, run_dir, model, tokenizer, train_rows, validation_rows, console, _Collator(tokenizer),
+                                    loss_chunk_tokens=speed.loss_chunk_tokens if speed.chunked_loss else None)
     if validation_rows:
         trainer.add_callback(EvalMetricsCallback(tokenizer, template, validation_rows, _with_references(eval_examples),
                                                  config.eval, guards.metrics.write))
@@ -104,6 +106,7 @@ def run_sft(
     summary.update(exact_match_before=before.accuracy if before else None, exact_match_after=after.accuracy if after else None,
                    exact_match_samples=after.samples if after else [])
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
+    summary["speed"] = speed.as_dict()
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size  # smaller than configured after auto_find_batch_size
     rd.write_summary(run_dir, summary)

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 
 from dsft.train import checkpoints as ckpt
+from dsft.train.chunked_loss import chunked_lm_loss
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -40,9 +41,12 @@ class SampleLedger(TrainerCallback):
 class DsftTrainer(Trainer):
     """Trainer with staged, manifested checkpoints, a sample ledger and a non-finite loss flag."""
 
-    def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None, **kwargs):
+    def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None,
+                 loss_chunk_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ledger = ledger
+        self.loss_chunk_tokens = loss_chunk_tokens
+        """Tokens per chunk of the chunked causal-LM loss (train.chunked_loss), or None for the model's own loss."""
         self.adversary = adversary
         """An EmbeddingAdversary (train.adversarial) that adds attack passes to each step, or None."""
         self.keep_last_checkpoints = keep_last_checkpoints
@@ -53,7 +57,21 @@ class DsftTrainer(Trainer):
         sample_ids = inputs.pop("sample_id", None)
         if sample_ids is not None and model.training:
             self.ledger.record(sample_ids.tolist())
+        if self._chunked_loss_applies(model, inputs, return_outputs):
+            # The model's own loss would hold the logits of every token at once (see chunked_loss.py); the divisor
+            # is the one the model would get, so the Trainer's scaling for gradient accumulation stays right.
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = chunked_lm_loss(model, inputs, self.loss_chunk_tokens, items)
+            if self.args.average_tokens_across_devices and items is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for the model's loss
+            return loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _chunked_loss_applies(self, model, inputs, return_outputs: bool) -> bool:
+        # Evaluation asks for the outputs (logits); a wrapped model (DDP) must run through its wrapper.
+        return (self.loss_chunk_tokens is not None and not return_outputs and "labels" in inputs
+                and self.compute_loss_func is None and self.label_smoother is None
+                and self.accelerator.unwrap_model(model) is model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         one_pass = super().training_step  # forward, loss scaled for accumulation, backward

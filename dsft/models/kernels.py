@@ -1,0 +1,212 @@
+"""Speed switches: train.liger, chunked_loss, experts, fused_optimizer, compile and checkpointing, each resolved from
+auto to a concrete choice for this machine and model (a SpeedPlan, logged at startup and saved in summary.json) and
+applied through the libraries' own extension points. Every switch has a CPU fallback, and tests prove that each
+leaves the loss unchanged (tests/unit/test_speed_switches.py).
+
+What auto resolves to:
+- liger: on with CUDA, liger-kernel installed and a dense architecture it covers (LIGER_ARCHITECTURES): its RMSNorm,
+  RoPE and SwiGLU kernels, applied with Liger's own API (which patches transformers' modeling module of that
+  architecture for the whole process). The loss stays dsft's chunked loss. DeepSeek V2/V3 stay off: Liger swaps
+  their routed experts for its own module, bypassing transformers' experts kernels and PEFT's LoRA on them.
+- chunked_loss: on with CUDA; off on CPU, where the model's own loss is the fallback. Refused when the model adds
+  what the chunked loss does not compute (a router auxiliary loss, logit soft-capping) or LoRA adapts the lm_head.
+- experts (MoE models with fused experts only): grouped_mm where torch has a grouped GEMM for the device (CUDA
+  compute capability 8.0+, or CPU with torch 2.9+), else eager. dsft's grouped_mm also computes LoRA on the routed
+  experts as grouped low-rank products (moe_lora.py).
+- fused_optimizer: on (torch's fused AdamW exists for CUDA and CPU; transformers' own default since torch 2.8).
+- compile: as configured; each decoder layer is compiled in place (nn.Module.compile), so the chunked loss, which
+  calls the decoder directly, runs compiled layers too.
+- checkpointing (with gradient_checkpointing only): transformers' activation checkpointing of every decoder layer;
+  selective saves the attention kernels' outputs (torch's selective activation checkpointing) so the backward
+  recomputes everything but attention; offload also holds what the recompute needs in pinned CPU memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+from dsft.config import TrainConfig
+from dsft.errors import DsftError
+
+LIGER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+"""model_type values whose Liger kernels dsft applies with liger: auto."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedPlan:
+    """The concrete speed switches of one run."""
+
+    liger: bool
+    chunked_loss: bool
+    loss_chunk_tokens: int
+    experts: str | None
+    """eager, grouped_mm or batched_mm; None for a model without fused MoE experts."""
+    fused_optimizer: bool
+    compile: bool
+    checkpointing: str
+    """off, full, selective or offload."""
+    reasons: dict[str, str]
+    """Why a switch is off (or not applicable), by switch name."""
+
+    def line(self) -> str:
+        """One log line: "kernels: liger off (no CUDA), chunked loss on (4096 tokens), experts grouped_mm, ..."."""
+        def state(name: str, label: str, on: bool, detail: str = "") -> str:
+            note = detail if on else self.reasons.get(name, "")
+            return f"{label} {'on' if on else 'off'}" + (f" ({note})" if note else "")
+
+        experts = f"experts {self.experts}" if self.experts else "experts n/a (no MoE experts)"
+        return "kernels: " + ", ".join([
+            state("liger", "liger", self.liger),
+            state("chunked_loss", "chunked loss", self.chunked_loss, f"{self.loss_chunk_tokens} tokens"),
+            experts,
+            state("fused_optimizer", "fused AdamW", self.fused_optimizer),
+            state("compile", "compile", self.compile),
+            f"checkpointing {self.checkpointing}" + (f" ({self.reasons['checkpointing']})" if "checkpointing" in self.reasons else ""),
+        ])
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None) -> SpeedPlan:
+    """The switches of train resolved for model (after the method is applied: a PeftModel for LoRA) on this machine.
+
+    cuda defaults to torch.cuda.is_available(). Raises DsftError when a switch set to on cannot apply here.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    reasons: dict[str, str] = {}
+    config = _base_model(model).config
+    liger = _decide("liger", train.liger, _liger_blocker(cuda, config.model_type), reasons)
+    chunked_blocker = _chunked_loss_blocker(model)
+    if chunked_blocker is None and train.chunked_loss == "auto" and not cuda:
+        chunked_blocker = "no CUDA: the model's own loss"  # the fallback; on still forces it
+    chunked = _decide("chunked_loss", train.chunked_loss, chunked_blocker, reasons)
+    fused = _decide("fused_optimizer", train.fused_optimizer, None, reasons)
+    if not train.compile:
+        reasons["compile"] = "train.compile: false"
+    checkpointing = train.checkpointing if train.gradient_checkpointing else "off"
+    if checkpointing == "offload" and not cuda:
+        checkpointing = "full"  # activations already live in host memory (and pinning needs an accelerator)
+        reasons["checkpointing"] = "offload needs CUDA: full"
+    return SpeedPlan(
+        liger=liger, chunked_loss=chunked, loss_chunk_tokens=train.loss_chunk_tokens,
+        experts=_resolve_experts(train.experts, model, cuda), fused_optimizer=fused, compile=train.compile,
+        checkpointing=checkpointing, reasons=reasons,
+    )
+
+
+def _decide(name: str, setting: str, blocker: str | None, reasons: dict[str, str]) -> bool:
+    """on/off/auto with what prevents the switch (None: nothing); on with a blocker is a user error."""
+    if setting == "off":
+        reasons[name] = f"train.{name}: off"
+        return False
+    if blocker is not None:
+        if setting == "on":
+            raise DsftError(f"train.{name}: on, but {blocker}; set it to auto or off")
+        reasons[name] = blocker
+        return False
+    return True
+
+
+def _liger_blocker(cuda: bool, model_type: str) -> str | None:
+    if not cuda:
+        return "no CUDA"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel not installed"
+    if model_type not in LIGER_ARCHITECTURES:
+        return f"{model_type} not among {', '.join(LIGER_ARCHITECTURES)}"
+    return None
+
+
+def _chunked_loss_blocker(model) -> str | None:
+    from dsft.train.chunked_loss import plain_linear_head
+
+    config = _base_model(model).config.get_text_config()
+    if getattr(config, "output_router_logits", False):
+        return "the model adds a router auxiliary loss"
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits"
+    if plain_linear_head(_base_model(model).get_output_embeddings()) is None:
+        return "LoRA adapts the lm_head"
+    return None
+
+
+def _resolve_experts(setting: str, model, cuda: bool) -> str | None:
+    if not type(_base_model(model))._can_set_experts_implementation():
+        return None
+    if setting != "auto":
+        return setting
+    return "grouped_mm" if _has_grouped_gemm(cuda) else "eager"
+
+
+def _has_grouped_gemm(cuda: bool) -> bool:
+    """Whether torch has a grouped GEMM kernel for the training device (what transformers' grouped_mm calls)."""
+    import torch
+
+    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return False
+    if cuda:
+        return torch.cuda.get_device_capability() >= (8, 0)
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 9)
+
+
+def optimizer_name(fused_optimizer: str) -> str:
+    """TrainingArguments.optim for train.fused_optimizer: torch's fused AdamW unless it is off."""
+    return "adamw_torch" if fused_optimizer == "off" else "adamw_torch_fused"
+
+
+def apply_speed_plan(model, plan: SpeedPlan) -> None:
+    """Put the plan's model-side switches in place: experts kernel, Liger, checkpointing, then compile (last, so it
+    compiles the layers as they will run). The optimizer and the loss are the Trainer's (loop.py, trainer.py)."""
+    base = _base_model(model)
+    if plan.experts is not None:
+        from dsft.models.moe_lora import register_grouped_lora
+
+        base.set_experts_implementation(register_grouped_lora() if plan.experts == "grouped_mm" else plan.experts)
+    if plan.liger:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        # The chunked loss covers every architecture, so Liger's loss kernels, which replace the forward, stay off.
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
+    enable_checkpointing(model, plan.checkpointing)
+    if plan.compile:
+        from dsft.models.method import decoder_layers
+
+        for layer in decoder_layers(base):
+            layer.compile()
+
+
+def enable_checkpointing(model, mode: str) -> None:
+    """Activation checkpointing of every decoder layer in mode off, full, selective or offload (see the module
+    docstring), through transformers' activation_checkpointing_enable."""
+    if mode == "off":
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _save_attention_outputs
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=mode == "offload")
+    model.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients into the layers
+
+
+def _save_attention_outputs():
+    """Selective activation checkpointing contexts: attention kernel outputs are kept, everything else recomputed."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    attention_ops = {getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in attention_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or model itself)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
