@@ -167,6 +167,19 @@ def data_inspect(
     inspect_file(str(file), tokenizer, samples)
 
 
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Option(help="tiny (CPU, seconds) or h100 (the four published setups, on a GPU).")] = "tiny",
+    setup: Annotated[list[str] | None, typer.Option(help="Only this setup, by name or letter a-d (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(help="JSON report; default benchmarks/results/bench_SUITE.json.")] = None,
+    longest: Annotated[bool, typer.Option(help="Also search the longest single sequence each recipe trains (GPU).")] = False,
+) -> None:
+    """Time B0 (transformers + PEFT), B1 (TRL) and dsft on the same data; refuse any speed whose loss is off."""
+    from dsft.bench.run import run_bench
+
+    run_bench(suite, output, setup, longest)
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],

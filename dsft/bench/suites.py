@@ -1,0 +1,113 @@
+"""What `dsft bench` runs: suites of setups (model shape, method, lengths, steps) and their synthetic data.
+
+The h100 suite is the issue's four setups with published shapes (random-init weights, no hub): (a) R1-Distill-Qwen-1.5B
+LoRA, (b) the same in full, (c) R1-Distill-Qwen-7B LoRA at 4k tokens, (d) DeepSeek-V2-Lite LoRA on attention and
+routed experts. The tiny suite is the same code path on shapes a CPU trains in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+PUBLISHED_SHAPES = {
+    # config.json hyper-parameters of the published models (../shared/arch_shapes.json; a test keeps them equal).
+    "deepseek-r1-distill-qwen-1.5b": {
+        "architecture": "Qwen2ForCausalLM", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False},
+    "deepseek-r1-distill-qwen-7b": {
+        "architecture": "Qwen2ForCausalLM", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False},
+    "deepseek-v2-lite": {
+        "architecture": "DeepseekV2ForCausalLM", "vocab_size": 102400, "hidden_size": 2048,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy", "n_group": 1,
+        "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-06, "tie_word_embeddings": False},
+}
+
+TINY_SHAPES = {
+    "tiny-qwen2": {
+        "architecture": "Qwen2ForCausalLM", "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "max_position_embeddings": 1024, "tie_word_embeddings": False},
+    "tiny-deepseek-v2": {
+        "architecture": "DeepseekV2ForCausalLM", "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+        "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1, "max_position_embeddings": 1024,
+        "tie_word_embeddings": False},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One model and method, trained by every recipe on the same data for the same steps."""
+
+    name: str
+    shape_name: str
+    shape: dict
+    method: str
+    """lora or full."""
+    mean_tokens: int
+    """Mean sample length of the log-normal length distribution."""
+    max_tokens: int
+    """Longest sample; also the packed row budget of B1 and dsft (a row holds what a padded batch of 4 holds)."""
+    warmup_steps: int
+    measured_steps: int
+    lora_rank: int = 16
+    dsft_train: tuple = ()
+    """Extra train settings of the dsft recipe, as (key, value) pairs."""
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.measured_steps
+
+
+def suite_setups(suite: str) -> list[Setup]:
+    """The setups of suite tiny or h100; raises ValueError for another name."""
+    if suite == "tiny":
+        # The chunked loss is forced on: auto keeps the model's own loss on CPU, and the test must run the GPU path.
+        forced = (("chunked_loss", "on"), ("loss_chunk_tokens", 64))
+        return [
+            Setup("a-tiny-lora", "tiny-qwen2", TINY_SHAPES["tiny-qwen2"], "lora", 24, 64, 1, 3, 8, forced),
+            Setup("d-tiny-moe-lora", "tiny-deepseek-v2", TINY_SHAPES["tiny-deepseek-v2"], "lora", 24, 64, 1, 3, 8, forced),
+        ]
+    if suite == "h100":
+        qwen_small, qwen_large = PUBLISHED_SHAPES["deepseek-r1-distill-qwen-1.5b"], PUBLISHED_SHAPES["deepseek-r1-distill-qwen-7b"]
+        return [
+            Setup("a-qwen-1.5b-lora", "deepseek-r1-distill-qwen-1.5b", qwen_small, "lora", 500, 2048, 3, 10),
+            Setup("b-qwen-1.5b-full", "deepseek-r1-distill-qwen-1.5b", qwen_small, "full", 500, 2048, 3, 10),
+            Setup("c-qwen-7b-lora-4k", "deepseek-r1-distill-qwen-7b", qwen_large, "lora", 500, 4096, 3, 10),
+            Setup("d-v2-lite-lora", "deepseek-v2-lite", PUBLISHED_SHAPES["deepseek-v2-lite"], "lora", 500, 2048, 3, 10),
+        ]
+    raise ValueError(f"unknown suite {suite!r}; allowed: tiny, h100")
+
+
+def synthetic_samples(setup: Setup, seed: int = 0) -> list[dict]:
+    """Training samples for setup: log-normal lengths (mean setup.mean_tokens, at most max_tokens), tokens drawn from a
+    Zipf distribution over the vocabulary (id 0, the padding id, never drawn) so the loss has something to learn, the
+    first quarter of each sample a prompt without loss. Enough for every recipe's steps."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = setup.shape["vocab_size"]
+    zipf_V = 1.0 / torch.arange(1, vocab, dtype=torch.float64) ** 1.1
+    sigma = 0.8  # a long tail of long samples, as chat data has
+    mu = math.log(setup.mean_tokens) - sigma**2 / 2
+    needed_tokens = (setup.steps + 2) * max(setup.max_tokens, 4 * setup.mean_tokens) * 1.5
+    samples, total = [], 0
+    while total < needed_tokens or len(samples) < 4 * (setup.steps + 2):
+        length = int(torch.empty(1).log_normal_(mu, sigma, generator=generator).clamp(8, setup.max_tokens))
+        ids = (torch.multinomial(zipf_V, length, replacement=True, generator=generator) + 1).tolist()
+        prompt = max(1, length // 4)
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        total += length
+    return samples

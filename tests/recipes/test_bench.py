@@ -1,0 +1,27 @@
+"""`dsft bench --suite tiny` end to end on CPU: B0, B1 (TRL) and dsft on the same data, gated, table and JSON."""
+
+import json
+
+from typer.testing import CliRunner
+
+from dsft.cli import app
+
+
+def test_bench_tiny_runs_every_recipe_behind_the_gate(tmp_path):
+    out = tmp_path / "bench_tiny.json"
+    result = CliRunner().invoke(app, ["bench", "--suite", "tiny", "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output and "MFU@989" in result.output
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [s["name"] for s in report["setups"]] == ["a-tiny-lora", "d-tiny-moe-lora"]
+    for setup in report["setups"]:
+        rows = setup["recipes"]
+        assert list(rows) == ["B0", "B1", "dsft"]
+        for recipe, row in rows.items():
+            assert row["status"] == "ok" and row["gate"] is None, (setup["name"], recipe, row.get("reason"))
+            assert row["tokens_per_s"] > 0 and len(row["losses"]) == len(row["grad_norms"]) == 3
+            assert abs(row["mean_loss"] - rows["B0"]["mean_loss"]) <= 0.01 * rows["B0"]["mean_loss"]
+            assert row["vs_B0"] == row["tokens_per_s"] / rows["B0"]["tokens_per_s"]
+        assert "chunked loss on" in rows["dsft"]["settings"]["speed_plan"]
+    moe = report["setups"][1]["recipes"]
+    assert "experts grouped_mm" in moe["dsft"]["settings"]["speed_plan"] and moe["B0"]["settings"]["experts"] == "grouped_mm"

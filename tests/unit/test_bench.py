@@ -1,0 +1,81 @@
+"""dsft bench's arithmetic and judgement: FLOPs per token of the published shapes, the correctness gate, token counting."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsft.bench.measure import gate, matmul_params, mfu, sample_flops, sample_lengths
+from dsft.bench.run import run_bench
+from dsft.bench.suites import PUBLISHED_SHAPES, suite_setups, synthetic_samples
+from dsft.errors import DsftError
+
+SHARED_SHAPES = Path(__file__).parents[3] / "shared" / "arch_shapes.json"
+
+
+def test_matmul_params_of_published_shapes():
+    # R1-Distill-Qwen-1.5B per layer: q and o 1536 x 12 x 128 each, k and v 1536 x 2 x 128 each, MLP 3 x 1536 x 8960;
+    # 28 layers plus the lm_head 151936 x 1536 (the embedding lookup is no matmul).
+    qwen = PUBLISHED_SHAPES["deepseek-r1-distill-qwen-1.5b"]
+    assert matmul_params(qwen) == 28 * (2 * 2_359_296 + 2 * 393_216 + 41_287_680) + 233_373_696 == 1_543_569_408
+    # DeepSeek-V2-Lite, active per token: MLA attention (q 2048 x 16 x 192, kv_a 2048 x 576, kv_b 512 x 16 x 256,
+    # o 16 x 128 x 2048) in 27 layers, one dense MLP 3 x 2048 x 10944, 26 MoE layers with a router 2048 x 64 and
+    # 2 shared + 6 routed experts of 3 x 2048 x 1408, and the lm_head 102400 x 2048.
+    attention = 6_291_456 + 1_179_648 + 2_097_152 + 4_194_304
+    moe_layer = 131_072 + 8 * 8_650_752
+    v2_lite = PUBLISHED_SHAPES["deepseek-v2-lite"]
+    assert matmul_params(v2_lite) == 27 * attention + 67_239_936 + 26 * moe_layer + 209_715_200 == 2_451_308_544
+
+
+def test_flops_per_sample_lora_and_full():
+    qwen = PUBLISHED_SHAPES["deepseek-r1-distill-qwen-1.5b"]
+    attention_per_token = 6 * 28 * 12 * (128 + 128) * 1000  # 6 L H (d_qk + d_v) s, s = 1000 tokens
+    assert attention_per_token == 516_096_000
+    assert sample_flops(qwen, "lora", 1000) == 1000 * (4 * 1_543_569_408 + attention_per_token) == 6_690_373_632_000
+    assert sample_flops(qwen, "full", 1000) == 1000 * (6 * 1_543_569_408 + attention_per_token) == 9_777_512_448_000
+    # MLA: d_qk = 128 + 64 (nope + rope), d_v = 128.
+    v2_lite = PUBLISHED_SHAPES["deepseek-v2-lite"]
+    assert sample_flops(v2_lite, "lora", 2048) == 2048 * (4 * 2_451_308_544 + 6 * 27 * 16 * 320 * 2048) == 23_560_043_102_208
+    assert mfu(400e12) == {"mfu_800": 0.5, "mfu_989": 400 / 989}
+
+
+def test_gate_refuses_a_two_percent_loss_difference_and_a_zero_gradient():
+    assert gate([2.0, 2.0], [1.0, 0.5], None) is None
+    assert gate([2.01, 2.01], [1.0, 0.5], reference_loss=2.0) is None  # 0.5%
+    assert "differs from B0's 2.0000 by 2.00%" in gate([2.04, 2.04], [1.0, 0.5], reference_loss=2.0)
+    assert "gradient norm 0.0 at measured step 2" in gate([2.0, 2.0], [1.0, 0.0], reference_loss=2.0)
+    assert "non-finite" in gate([2.0, float("nan")], [1.0, 1.0], None)
+    assert "gradient norm nan" in gate([2.0], [float("nan")], None)
+
+
+def test_sample_lengths_of_padded_and_padding_free_batches():
+    assert sample_lengths({"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}) == [3, 2]
+    assert sample_lengths({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}) == [3, 2, 1]
+
+
+def test_synthetic_samples_cover_every_recipe_and_mask_prompts():
+    for setup in suite_setups("h100"):
+        samples = synthetic_samples(setup)
+        lengths = [len(s["input_ids"]) for s in samples]
+        assert len(samples) >= 4 * setup.steps and sum(lengths) >= setup.steps * setup.max_tokens
+        assert max(lengths) <= setup.max_tokens and min(min(s["input_ids"]) for s in samples) >= 1  # 0 is padding
+        assert all(s["labels"][0] == -100 for s in samples)  # packed rows never score a sample's first token
+        assert 350 < sum(lengths) / len(lengths) < 650  # log-normal around a mean of 500 tokens, clipped
+
+
+@pytest.mark.skipif(not SHARED_SHAPES.is_file(), reason="../shared/arch_shapes.json is beside the checkout only")
+def test_published_shapes_match_the_shared_file():
+    shared = json.loads(SHARED_SHAPES.read_text(encoding="utf-8"))
+    for name, shape in PUBLISHED_SHAPES.items():
+        assert shape == {k: v for k, v in shared[name].items() if not k.startswith("_")}, name
+
+
+def test_unknown_suite_or_setup_and_longest_without_cuda_are_user_errors(tmp_path):
+    with pytest.raises(DsftError, match="unknown suite 'huge'"):
+        run_bench("huge", tmp_path / "x.json")
+    with pytest.raises(DsftError, match=r"unknown \['z'\]"):
+        run_bench("tiny", tmp_path / "x.json", setups=["z"])
+    if not torch.cuda.is_available():
+        with pytest.raises(DsftError, match="needs a CUDA GPU"):
+            run_bench("tiny", tmp_path / "x.json", setups=["a"], longest=True)
