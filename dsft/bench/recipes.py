@@ -23,7 +23,9 @@ from dsft.bench.suites import Setup
 
 PAD_ID = 0
 EOS_ID = 1
-LEARNING_RATE = 1e-4
+LEARNING_RATES = {"lora": 1e-4, "full": 1e-5}
+"""Small enough that the loss moves little over the steps: the gate compares recipes whose steps hold different
+(equally distributed) samples."""
 B0_BATCH = 4
 
 
@@ -91,7 +93,7 @@ def run_b1(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     liger = _cuda() and importlib.util.find_spec("liger_kernel") is not None and not moe
     args = SFTConfig(output_dir=str(work_dir / "b1"), per_device_train_batch_size=1, max_length=setup.max_tokens,
                      packing=True, packing_strategy="bfd", padding_free=True, use_liger_kernel=liger,
-                     gradient_checkpointing=False, dataset_num_proc=None, **common_arguments(setup, seed))
+                     dataset_num_proc=None, **common_arguments(setup, seed))
     datasets.disable_progress_bars()
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(samples),
                          processing_class=_tokenizer(setup))
@@ -114,7 +116,8 @@ def run_dsft(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Re
         "data": {"train_files": ["synthetic"], "max_length_tokens": setup.max_tokens},
         "method": {"type": setup.method, **({"lora": {"r": setup.lora_rank, "alpha": 2 * setup.lora_rank}}
                                             if setup.method == "lora" else {})},
-        "train": {"max_steps": setup.steps, "batch_size": 1, "learning_rate": LEARNING_RATE, "lr_scheduler": "constant",
+        "train": {"max_steps": setup.steps, "batch_size": 1, "learning_rate": LEARNING_RATES[setup.method],
+                  "lr_scheduler": "constant", "gradient_checkpointing": setup.gradient_checkpointing,
                   "logging_steps": 1, "seed": seed, "tensorboard": False, "packing": True,
                   "pack_tokens": setup.max_tokens, **dict(setup.dsft_train)},
         "output": {"dir": str(work_dir / "dsft")}})
@@ -139,9 +142,10 @@ RECIPES = {"B0": run_b0, "B1": run_b1, "dsft": run_dsft}
 def common_arguments(setup: Setup, seed: int) -> dict:
     """TrainingArguments fields every recipe shares (dsft's come from its train section with the same values)."""
     cuda = _cuda()
-    return {"max_steps": setup.steps, "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant", "warmup_steps": 0,
-                "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed, "data_seed": seed, "logging_steps": 1, "save_strategy": "no",
-                "report_to": [], "disable_tqdm": True, "dataloader_num_workers": 0, "bf16": cuda, "use_cpu": not cuda}
+    return {"max_steps": setup.steps, "learning_rate": LEARNING_RATES[setup.method], "lr_scheduler_type": "constant",
+            "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": seed, "data_seed": seed,
+            "gradient_checkpointing": setup.gradient_checkpointing, "logging_steps": 1, "save_strategy": "no",
+            "report_to": [], "disable_tqdm": True, "dataloader_num_workers": 0, "bf16": cuda, "use_cpu": not cuda}
 
 
 def pad_batch(samples: list[dict]) -> dict:
