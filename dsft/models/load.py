@@ -105,25 +105,32 @@ def _from_pretrained(model: ModelConfig, dtype, task: str = "causal_lm", **extra
     return auto_model_class(task).from_pretrained(model.name_or_path, **kwargs, **extra)
 
 
+HEAD_TASKS = ("classification", "token_classification")
+"""Tasks whose model is a backbone with a classification head "score" (labels in config.json id2label)."""
+
+
 def auto_model_class(task: str):
-    """AutoModelForSequenceClassification for task classification, else AutoModelForCausalLM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """AutoModelForSequenceClassification for task classification, AutoModelForTokenClassification for
+    token_classification, else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    heads = {"classification": AutoModelForSequenceClassification, "token_classification": AutoModelForTokenClassification}
+    return heads.get(task, AutoModelForCausalLM)
 
 
-def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str]):
-    """A sequence classifier with one output per label: a preset built from config, or pretrained weights
-    with a new head. pad_token_id is set: the classifier pools the last token that is not padding."""
+def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str], task: str = "classification"):
+    """A classifier for task (a HEAD_TASKS entry) with one output per label: a preset built from config, or
+    pretrained weights with a new head. pad_token_id is set: a sequence classifier pools the last token
+    that is not padding."""
     from dsft.models.presets import build_preset_classifier
 
     dtype = resolve_dtype(model.dtype)
     if model.preset is not None:
-        classifier = build_preset_classifier(model.preset, tokenizer, seed, dtype, labels)
+        classifier = build_preset_classifier(model.preset, tokenizer, seed, dtype, labels, task)
     else:
         label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
-        classifier = _guarded(lambda: _from_pretrained(model, dtype, "classification", **label_kwargs),
+        classifier = _guarded(lambda: _from_pretrained(model, dtype, task, **label_kwargs),
                               "model.name_or_path", model.name_or_path)
         if len(tokenizer) > classifier.get_input_embeddings().weight.shape[0]:
             classifier.resize_token_embeddings(len(tokenizer))
@@ -187,7 +194,7 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
         base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
     elif recorded in (None, config.model.name_or_path):
-        labels = _run_labels(run_dir) if config.task == "classification" else {}
+        labels = _run_labels(run_dir) if config.task in HEAD_TASKS else {}
         base = _guarded(
             lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype, config.task, **labels),
             "model.name_or_path",

@@ -26,7 +26,7 @@ def count_parameters(model) -> ParamCounts:
 def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     """Prepare model for method.type; returns the model to train (a PeftModel for lora).
 
-    task_type is PEFT's: CAUSAL_LM, or SEQ_CLS for a classifier (its head "score" then trains in full).
+    task_type is PEFT's: CAUSAL_LM, or SEQ_CLS / TOKEN_CLS for a classifier (its head "score" then trains in full).
     """
     if method.type == "lora":
         return _apply_lora(model, method, task_type)
@@ -40,7 +40,7 @@ def _apply_lora(model, method: MethodConfig, task_type: str):
 
     lora = method.lora
     modules_to_save = list(lora.modules_to_save)
-    if task_type == "SEQ_CLS" and "score" not in modules_to_save:
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and "score" not in modules_to_save:
         modules_to_save.append("score")  # the new head starts random: it must train in full and be saved
     peft_config = LoraConfig(
         r=lora.r,

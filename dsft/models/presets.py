@@ -69,14 +69,16 @@ def build_preset(name: str, tokenizer, seed: int, dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def build_preset_classifier(name: str, tokenizer, seed: int, dtype, labels: list[str]):
-    """A random-init *ForSequenceClassification of the preset architecture with one output per label."""
+def build_preset_classifier(name: str, tokenizer, seed: int, dtype, labels: list[str], task: str = "classification"):
+    """A random-init *ForSequenceClassification (task classification) or *ForTokenClassification (task
+    token_classification) of the preset architecture with one output per label."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from dsft.models.load import auto_model_class
 
     config = preset_config(name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    return auto_model_class(task).from_config(config, dtype=dtype)

@@ -1,7 +1,8 @@
 """Label a file of records with a classifier run (any head task): one output line per input record.
 
 Each line is the input record plus the task's predictions; for task classification "prediction"
-(the label with the highest probability) and "scores" ({label: probability}). Texts are tokenized
+(the label with the highest probability) and "scores" ({label: probability}); for token_classification
+"tags" (one per word) and "entities" (dsft.serve.predict_tokens). Texts are tokenized
 as in training (the tokenizer's special tokens, truncated to data.max_length_tokens). The input
 file is only read; the output is written aside and renamed into place.
 """
@@ -56,6 +57,7 @@ def predict_file(run_dir: str | Path, input_path: str | Path, output_path: str |
 PREDICTORS = {
     "classification": "dsft.serve.predict:predict_labels",
     "multitask": "dsft.serve.predict_multitask:predict_heads",
+    "token_classification": "dsft.serve.predict_tokens:predict_tags",
 }
 """task -> "module:function" called as f(model, tokenizer, config, records) -> the fields to add to each record."""
 
