@@ -1,10 +1,11 @@
-"""`dsft eval` for classifier runs (task classification or token_classification), top to bottom:
+"""`dsft eval` for classifier runs (task classification, token_classification or multitask), top to bottom:
 load the run(s) -> read labelled records -> predict in batches, timed -> score -> write results.
 
 Predictions come from the same code as `dsft predict`, so eval and predict never disagree.
 Sequence classifiers get accuracy, macro/micro F1, per-class scores, bootstrap intervals, the
 confusion matrix (PNG and table) and the most confused pairs with examples; token classifiers
-get span-level precision/recall/F1 per entity type (seqeval). Both get throughput, batch latency
+get span-level precision/recall/F1 per entity type (seqeval); a multitask run is scored head by head
+on the records labelled for that head. All get throughput, batch latency
 and peak memory. With --against, a second run is scored on the same records, side by side.
 """
 
@@ -27,7 +28,7 @@ from dsft.errors import DsftError
 from dsft.eval.classification import bootstrap_intervals, classification_report
 from dsft.eval.error_analysis import confusion_markdown, worst_markdown, write_error_analysis
 
-HEAD_TASKS = ("classification", "token_classification")
+HEAD_TASKS = ("classification", "token_classification", "multitask")
 """Run tasks dsft eval scores with their labels (the rest are generative: dsft/eval/evaluate.py)."""
 
 
@@ -93,9 +94,42 @@ def _score_run(model, tokenizer, config: RunConfig, records: list[RawRecord], se
     section = {"speed": _speed(batch_latencies_s, len(records), settings.batch_size)}
     if config.task == "classification":
         section.update(_score_labels(config, records, predicted, settings, out))
-    else:
+    elif config.task == "token_classification":
         section.update(_score_tags(config, records, predicted))
+    else:
+        section.update(_score_heads(config, records, predicted, out))
     return section
+
+
+def _score_heads(config: RunConfig, records, predicted, out: Path) -> dict:
+    """Per head: its metrics over the records that carry its label (a partially labelled file is fine)."""
+    from dsft.eval.ner import ner_report
+
+    heads, headline = {}, {}
+    for head in config.multitask.heads:
+        pairs = [(record, p["predictions"][head.name]) for record, p in zip(records, predicted)
+                 if record.data.get(head.label_field) is not None]
+        if head.kind == "sequence":
+            predictions = [p["label"] for _, p in pairs]
+            references = [str(record.data[head.label_field]) for record, _ in pairs]
+            report = classification_report(predictions, references, normalize=False)
+            texts = [_record_text(record, config) for record, _ in pairs]
+            if pairs:
+                write_error_analysis(out / head.name, report, predictions, references, texts, f"head {head.name}")
+            headline[f"{head.name}_accuracy"] = report["accuracy"] if pairs else 0.0
+        else:
+            report = ner_report([record.data[head.label_field] for record, _ in pairs], [p["tags"] for _, p in pairs])
+            headline[f"{head.name}_f1"] = report["f1"]
+        heads[head.name] = {"kind": head.kind, "labelled_records": len(pairs), "report": report}
+    return {"heads": heads, "headline": headline}
+
+
+def _record_text(record: RawRecord, config: RunConfig) -> str:
+    settings = config.multitask
+    if settings.tokens_field in record.data:
+        separator = " " if settings.word_separator == "space" else ""
+        return separator.join(map(str, record.data[settings.tokens_field]))
+    return str(record.data.get(settings.text_field, ""))
 
 
 def _score_labels(config: RunConfig, records, predicted, settings, out: Path) -> dict:

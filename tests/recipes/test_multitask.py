@@ -186,3 +186,17 @@ def test_lora_on_deepseek_v3_adapts_the_backbone_and_trains_the_heads(tmp_path, 
         loaded, in_memory = model(ids).logits, result.model(ids).logits
     for name in ("ner", "intent", "compliance"):
         torch.testing.assert_close(loaded[name], in_memory[name], rtol=0, atol=1e-5)
+
+
+def test_eval_scores_each_head_on_its_labelled_records(full_run, multitask_data, tmp_path):
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", str(full_run), "--data", str(multitask_data), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    heads = json.loads((out / "results.json").read_text())["models"]["target"]["heads"]
+    lines = [json.loads(line) for line in multitask_data.read_text().splitlines()]
+    assert {name: head["labelled_records"] for name, head in heads.items()} == {
+        "ner": sum("ner_tags" in r for r in lines), "intent": sum("intent" in r for r in lines),
+        "compliance": sum("compliant" in r for r in lines)}
+    assert heads["intent"]["report"]["accuracy"] >= 0.8 and heads["ner"]["report"]["entities"] > 0
+    assert (out / "target" / "intent" / "confusion_matrix.png").is_file()
