@@ -126,3 +126,17 @@ def test_selective_checkpointing_recomputes_all_but_attention(tmp_path, tokenize
         recomputed[mode] = (attention, ops.counts[torch.ops.aten.mm.default])
     assert recomputed["off"][0] == recomputed["selective"][0] == 0 < recomputed["full"][0]
     assert recomputed["off"][1] < recomputed["selective"][1] == recomputed["full"][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("switch", [{"compile": True}, {"gradient_checkpointing": True, "checkpointing": "offload"},
+                                    {"chunked_loss": "on"}, {"experts": "grouped_mm", "preset": "tiny-deepseek-v3"}])
+def test_gpu_switch_leaves_the_losses_unchanged(tmp_path, tokenizer, switch):
+    # compile runs on CPU too and gives the same losses, but compiling on 2 CPU cores took minutes; bf16 on CUDA.
+    preset = switch.get("preset", "tiny-qwen2")
+    settings = {k: v for k, v in switch.items() if k != "preset"}
+    baseline = {"chunked_loss": "off", "experts": "eager"} if preset == "tiny-deepseek-v3" else {"chunked_loss": "off"}
+    expected = _train_losses(tmp_path / "without", tokenizer, preset=preset, **baseline)
+    actual = _train_losses(tmp_path / "with", tokenizer, preset=preset, **{**baseline, **settings})
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=1e-3)
