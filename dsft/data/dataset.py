@@ -7,14 +7,14 @@ counted in DataStats, whose lines() go to the training log.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dsft.data.chat import Segment, render_conversation, render_text, resolve_template
 from dsft.data.encode import IGNORE_INDEX, encode_segments, truncate
 from dsft.data.formats import Example, Message, detect_format, to_example
-from dsft.data.read import read_records
+from dsft.data.read import RawRecord, read_records
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
@@ -127,6 +127,37 @@ def _load_file(
         if limit is not None and len(examples) >= limit:
             break
     return examples
+
+
+T = TypeVar("T")
+
+
+def load_validated(files: Sequence[str], validate: Callable[[RawRecord], T], on_error: str, stats: DataStats,
+                   max_samples: int | None = None) -> list[T]:
+    """validate(record) for each record of files in order, at most max_samples results; the record readers of
+    the head tasks and preference data. on_error "error" raises the first bad record's DsftError (naming
+    file:line), "skip" counts it in stats. Raises ValueError for an on_error other than ON_ERROR."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
+    skip_bad = on_error == "skip"
+
+    def skip_unreadable(error: DsftError) -> None:
+        stats.records_read += 1
+        stats.add_skip(error)
+
+    results: list[T] = []
+    for path in files:
+        for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
+            if max_samples is not None and len(results) >= max_samples:
+                return results
+            stats.records_read += 1
+            try:
+                results.append(validate(record))
+            except DsftError as error:
+                if not skip_bad:
+                    raise
+                stats.add_skip(error)
+    return results
 
 
 def build_sft_datasets(data: DataConfig, tokenizer, seed: int) -> tuple[list[dict], list[dict], DataStats]:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dsft.data.dataset import ON_ERROR, DataStats, _split_validation
-from dsft.data.read import RawRecord, json_type, read_records
+from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
@@ -49,27 +49,7 @@ def to_labelled(record: RawRecord, text_field: str, label_field: str) -> Labelle
 def load_labelled(files: Sequence[str], text_field: str, label_field: str, on_error: str, stats: DataStats,
                   max_samples: int | None = None) -> list[LabelledText]:
     """Read the labelled records of files in order (at most max_samples); on_error as in load_examples."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    skip_bad = on_error == "skip"
-
-    def skip_unreadable(error: DsftError) -> None:
-        stats.records_read += 1
-        stats.add_skip(error)
-
-    records: list[LabelledText] = []
-    for path in files:
-        for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
-            if max_samples is not None and len(records) >= max_samples:
-                return records
-            stats.records_read += 1
-            try:
-                records.append(to_labelled(record, text_field, label_field))
-            except DsftError as error:
-                if not skip_bad:
-                    raise
-                stats.add_skip(error)
-    return records
+    return load_validated(files, lambda record: to_labelled(record, text_field, label_field), on_error, stats, max_samples)
 
 
 def label_names(labels: Sequence[str]) -> list[str]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data.bio import IGNORE_INDEX, SEPARATORS, align_labels, encode_words, tag_names, validate_bio, validate_words
-from dsft.data.dataset import ON_ERROR, DataStats, _split_validation
+from dsft.data.dataset import DataStats, _split_validation, load_validated
 from dsft.data.labels import label_names, text_of
-from dsft.data.read import RawRecord, json_type, read_records
+from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
@@ -90,27 +90,7 @@ def load_multitask(files: Sequence[str], settings: MultitaskConfig, on_error: st
                    max_samples: int | None = None) -> list[MultitaskRecord]:
     """Read the records of files in order (at most max_samples); on_error "error" raises the first bad
     record's DsftError, "skip" counts it in stats. Raises ValueError for another on_error."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    skip_bad = on_error == "skip"
-
-    def skip_unreadable(error: DsftError) -> None:
-        stats.records_read += 1
-        stats.add_skip(error)
-
-    records: list[MultitaskRecord] = []
-    for path in files:
-        for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
-            if max_samples is not None and len(records) >= max_samples:
-                return records
-            stats.records_read += 1
-            try:
-                records.append(to_multitask(record, settings))
-            except DsftError as error:
-                if not skip_bad:
-                    raise
-                stats.add_skip(error)
-    return records
+    return load_validated(files, lambda record: to_multitask(record, settings), on_error, stats, max_samples)
 
 
 def record_text(record: MultitaskRecord, word_separator: str) -> str:

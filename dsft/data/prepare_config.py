@@ -101,7 +101,7 @@ class PiiStep(_Section):
     """Salt of the hashes; write ${DSFT_PII_SALT} so it is never saved. Required for hash and id_fields."""
 
     @model_validator(mode="after")
-    def _salt_when_hashing(self) -> "PiiStep":
+    def _salt_when_hashing(self) -> PiiStep:
         if (self.action == "hash" or self.id_fields) and not self.salt:
             raise ValueError("pii.salt is required to hash values or id_fields (write ${DSFT_PII_SALT})")
         return self
@@ -116,7 +116,7 @@ class ChunkStep(_Section):
     """Tokens the window moves each time (stride < max_tokens gives overlap)."""
 
     @model_validator(mode="after")
-    def _stride_fits(self) -> "ChunkStep":
+    def _stride_fits(self) -> ChunkStep:
         if self.stride_tokens > self.max_tokens:
             raise ValueError("chunk.stride_tokens must not exceed chunk.max_tokens (text would be skipped)")
         return self
@@ -175,7 +175,7 @@ class SplitConfig(_Section):
     """Remove validation and test records that overlap the training split."""
 
     @model_validator(mode="after")
-    def _leave_training_data(self) -> "SplitConfig":
+    def _leave_training_data(self) -> SplitConfig:
         if self.validation_ratio + self.test_ratio >= 1.0:
             raise ValueError("split.validation_ratio + split.test_ratio must leave records for training")
         return self

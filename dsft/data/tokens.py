@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data import bio
-from dsft.data.dataset import ON_ERROR, DataStats, _split_validation
-from dsft.data.read import RawRecord, json_type, read_records
+from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
@@ -49,27 +49,7 @@ def to_tagged(record: RawRecord, tokens_field: str, tags_field: str) -> TaggedWo
 def load_tagged(files: Sequence[str], tokens_field: str, tags_field: str, on_error: str, stats: DataStats,
                 max_samples: int | None = None) -> list[TaggedWords]:
     """Read the tagged records of files in order (at most max_samples); on_error as in load_examples."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    skip_bad = on_error == "skip"
-
-    def skip_unreadable(error: DsftError) -> None:
-        stats.records_read += 1
-        stats.add_skip(error)
-
-    records: list[TaggedWords] = []
-    for path in files:
-        for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
-            if max_samples is not None and len(records) >= max_samples:
-                return records
-            stats.records_read += 1
-            try:
-                records.append(to_tagged(record, tokens_field, tags_field))
-            except DsftError as error:
-                if not skip_bad:
-                    raise
-                stats.add_skip(error)
-    return records
+    return load_validated(files, lambda record: to_tagged(record, tokens_field, tags_field), on_error, stats, max_samples)
 
 
 def encode_tagged(records: Sequence[TaggedWords], tokenizer, tag2id: dict[str, int], word_separator: str,
