@@ -64,6 +64,8 @@ STAGES = {
     "classification": "dsft.train.classify:run_classify",
     "multitask": "dsft.train.multitask:run_multitask",
     "token_classification": "dsft.train.token_classify:run_token_classify",
+    "grpo": "dsft.train.grpo:run_grpo",
+    "ppo": "dsft.train.ppo:run_ppo",
 }
 """task (for stage sft) or stage -> "module:function" that trains it, called as f(config, resume=, resume_command=)."""
 

@@ -91,9 +91,10 @@ class DpoConfig(_Section):
 class RewardFunctionConfig(_Section):
     kind: Literal["accuracy", "regex", "format", "diversity", "efficiency", "reward_model", "python"]
     """accuracy: 1 when the final answer equals the reference; regex: 1 when pattern matches; format: 1 for a
-    thinking block followed by an answer; diversity: share of the completion's word bigrams not in the other
-    completions of its group; efficiency: 1 - tokens / max_new_tokens; reward_model: a dsft reward run's
-    score; python: a function f(completion, reference, prompt) -> float."""
+    thinking block followed by an answer; diversity: share of the completion's word bigrams (start and end
+    marked, so a one-word answer has two) not in the other completions of its group; efficiency: 1 - tokens /
+    max_new_tokens; reward_model: a dsft reward run's score; python: a function f(completion, reference,
+    prompt) -> float."""
     weight: float = Field(1.0, ge=0)
     """Weight of this component in the summed reward (e.g. 0.6 accuracy + 0.3 diversity + 0.1 efficiency)."""
     name: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -125,7 +126,8 @@ class SamplingConfig(_Section):
 
 class GrpoConfig(_Section):
     group_size: int = Field(4, ge=2)
-    """Completions sampled per prompt; advantages are the rewards normalized within each group."""
+    """Completions sampled per prompt; advantages are the rewards normalized within each group. train.batch_size
+    counts completions, and train.batch_size x train.grad_accum_steps must be a multiple of group_size."""
     sampling: SamplingConfig = SamplingConfig()
     """How completions are sampled."""
     kl_coef: float = Field(0.04, ge=0)
@@ -143,6 +145,9 @@ class GrpoConfig(_Section):
 class PpoConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     """How rollouts are sampled."""
+    rollout_batch_size: int = Field(16, ge=2)
+    """Prompts per PPO step, one completion each; updated on in minibatches of train.batch_size x
+    train.grad_accum_steps completions (the batch is one group for the diversity reward)."""
     rewards: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(kind="accuracy")])
     """Reward components of a whole completion (given at its last token), summed with their weights."""
     gamma: float = Field(0.99, ge=0, le=1)

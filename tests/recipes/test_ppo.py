@@ -1,0 +1,90 @@
+"""PPO end to end on a tiny model: finite losses, the value loss falls, the mean reward rises; on a fixed rollout
+the losses are those rl_math computes; LoRA's reference is the adapter-disabled model."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dsft.cli import app
+from dsft.config import load_config
+from dsft.data.dataset import DataStats
+from dsft.data.prompts import load_rl_prompts
+from dsft.models.load import load_run
+from dsft.models.value_head import VALUE_HEAD_FILE
+from dsft.train import rl_math
+from dsft.train.ppo import collect_rollout, ppo_losses, run_ppo
+from dsft.train.rewards import build_rewards
+
+from .conftest import read_metrics
+from .rl_start import LOW_FIRST_DIGIT, one_thread, prompts_file, rl_config, sft_start  # noqa: F401 (autouse)
+
+PPO = {"rollout_batch_size": 32, "sampling": {"max_new_tokens": 4}, "kl_coef": 0.05, "ppo_epochs": 2,
+       "rewards": [LOW_FIRST_DIGIT]}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    run_dir = sft_start(tmp_path_factory)
+    return run_dir, prompts_file(run_dir.parent)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, start):
+    tmp_path = tmp_path_factory.mktemp("ppo-full")
+    path = rl_config(tmp_path, *start, "ppo", ppo=PPO, train={"learning_rate": 3e-4, "batch_size": 16})
+    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+def test_ppo_raises_the_reward_and_lowers_the_value_loss(full_run):
+    summary = json.loads((full_run / "summary.json").read_text())
+    records = read_metrics(full_run)
+    assert summary["stage"] == "ppo" and summary["steps"] == 16 and len(records) == 16
+    for key in ("loss", "policy_loss", "value_loss", "reward", "reward_std", "reward_low_first_digit", "kl",
+                "entropy", "clip_fraction", "value_clip_fraction", "approx_kl", "grad_norm"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    # Measured: reward 0.41 at step 1 (0.60 over the first 3 steps), 0.93 over the last 3; value loss 0.18 -> 0.04.
+    assert summary["reward_first"] <= 0.7 and summary["reward_last"] >= 0.85
+    first_values = sum(r["value_loss"] for r in records[:3]) / 3
+    last_values = sum(r["value_loss"] for r in records[-3:]) / 3
+    assert last_values < 0.5 * first_values
+    assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0.0  # the first rollout comes from the reference
+
+
+def test_ppo_run_directory_holds_the_policy_and_its_value_head(full_run):
+    assert (full_run / VALUE_HEAD_FILE).is_file()
+    model, _, config = load_run(full_run)
+    assert config.stage == "ppo"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_losses_on_a_fixed_rollout_are_rl_maths(tmp_path, start):
+    """A LoRA policy: its first rollout has KL 0 to the adapter-disabled reference; on that rollout the policy
+    ratio is 1, so the clipped loss is -mean(A) with nothing clipped, and the value loss is 0.5 mean((V - R)^2)."""
+    path = rl_config(tmp_path, *start, "ppo", ppo=PPO, method={"type": "lora", "lora": {"r": 8, "alpha": 16}},
+                     train={"max_steps": 2, "batch_size": 16})
+    config = load_config(path)
+    result = run_ppo(config)
+    assert list(result.model.peft_config) == ["default"]
+    records = read_metrics(result.run_dir)
+    assert records[0]["kl"] == 0.0 and all(math.isfinite(r["loss"]) for r in records)
+
+    config = load_config(result.run_dir / "config.yaml")
+    torch.manual_seed(0)
+    prompts = load_rl_prompts(config.data, result.tokenizer, config.data.chat_template, DataStats())[:8]
+    components = build_rewards(config.ppo.rewards, "ppo.rewards", config.ppo.sampling.max_new_tokens)
+    rollout = collect_rollout(result.model, None, result.value_head, result.tokenizer, prompts, components, config)
+    losses = ppo_losses(result.model, result.value_head, rollout, list(range(8)), config)
+    mask = rollout.completion_mask_BT
+    assert losses["policy_loss"].item() == pytest.approx(-rl_math.masked_mean(rollout.advantages_BT, mask).item(), abs=1e-5)
+    assert losses["clip_fraction"] == 0.0 and losses["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    expected_value_loss = 0.5 * rl_math.masked_mean((rollout.values_BT - rollout.returns_BT) ** 2, mask).item()
+    assert losses["value_loss"].item() == pytest.approx(expected_value_loss, rel=1e-5)
+    expected = (losses["policy_loss"] + config.ppo.value_loss_coef * losses["value_loss"]
+                - config.ppo.entropy_coef * losses["entropy"])
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
