@@ -125,5 +125,6 @@ def test_reward_model_scores_the_prompt_messages_and_completions(monkeypatch):
 
 
 def test_a_reward_model_that_cannot_be_loaded_names_the_key(tmp_path):
+    pytest.importorskip("dsft.models.reward")
     with pytest.raises(DsftError, match=r"grpo.rewards\[0\].model: .*not a dsft run directory"):
         build_rewards([RewardFunctionConfig(kind="reward_model", model=str(tmp_path))], "grpo.rewards", 8)
