@@ -289,19 +289,25 @@ def ppo_update(policy, value_head, optimizer, scheduler, rollout: Rollout, confi
 
 
 def _minibatch_step(policy, value_head, rollout: Rollout, minibatch: list[int], config: RunConfig) -> dict:
-    """Forward and backward of one minibatch in micro-batches of train.batch_size rows (gradients accumulate)."""
+    """Forward and backward of one minibatch in micro-batches of train.batch_size rows (gradients accumulate).
+
+    Each micro-batch's token means are weighted by its share of the minibatch's completion tokens, so the sum
+    is the minibatch's token mean: accumulating 2 x 8 rows gives the gradient of 16 rows at once.
+    """
     train = config.train
     sums: dict[str, float] = {}
-    micro_batches = [minibatch[i:i + train.batch_size] for i in range(0, len(minibatch), train.batch_size)]
-    for rows in micro_batches:
+    minibatch_tokens = rollout.completion_mask_BT[minibatch].sum()
+    for start in range(0, len(minibatch), train.batch_size):
+        rows = minibatch[start:start + train.batch_size]
+        share = (rollout.completion_mask_BT[rows].sum() / minibatch_tokens).item()
         losses = ppo_losses(policy, value_head, rollout, rows, config)
         if not bool(torch.isfinite(losses["loss"])):
             raise TrainingDiverged("non-finite PPO loss; the update was not applied. Lower train.learning_rate, keep "
                                    "train.max_grad_norm > 0, or lower ppo.kl_coef and the reward scale")
-        (losses["loss"] * len(rows) / len(minibatch)).backward()
+        (losses["loss"] * share).backward()
         for key, value in losses.items():
             value = value.item() if isinstance(value, torch.Tensor) else value
-            sums[key] = sums.get(key, 0.0) + value * len(rows) / len(minibatch)
+            sums[key] = sums.get(key, 0.0) + value * share
     return sums
 
 

@@ -1,5 +1,6 @@
 """PPO end to end on a tiny model: finite losses, the value loss falls, the mean reward rises; on a fixed rollout
-the losses are those rl_math computes; LoRA's reference is the adapter-disabled model."""
+the losses are those rl_math computes; LoRA's reference is the adapter-disabled model; accumulated micro-batches
+equal one larger batch."""
 
 import json
 import math
@@ -88,3 +89,15 @@ def test_losses_on_a_fixed_rollout_are_rl_maths(tmp_path, start):
     expected = (losses["policy_loss"] + config.ppo.value_loss_coef * losses["value_loss"]
                 - config.ppo.entropy_coef * losses["entropy"])
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_accumulating_micro_batches_equals_one_larger_batch(tmp_path, start):
+    """Minibatches of 16 rows, at once or as 2 x 8 accumulated: the same losses and gradient norm."""
+    records = {}
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        (tmp_path / str(batch_size)).mkdir()
+        path = rl_config(tmp_path / str(batch_size), *start, "ppo", ppo=PPO,
+                         train={"max_steps": 1, "batch_size": batch_size, "grad_accum_steps": accumulation})
+        records[batch_size] = read_metrics(run_ppo(load_config(path)).run_dir)[0]
+    for key in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm", "reward"):
+        assert records[8][key] == pytest.approx(records[16][key], rel=1e-4, abs=1e-6), key
