@@ -64,6 +64,8 @@ STAGES = {
     "classification": "dsft.train.classify:run_classify",
     "multitask": "dsft.train.multitask:run_multitask",
     "token_classification": "dsft.train.token_classify:run_token_classify",
+    "reward": "dsft.train.reward:run_reward",
+    "dpo": "dsft.train.dpo:run_dpo",
     "grpo": "dsft.train.grpo:run_grpo",
     "ppo": "dsft.train.ppo:run_ppo",
 }

@@ -181,7 +181,8 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
     """
     run_dir = Path(run_dir).resolve()
     torch_dtype = resolve_dtype(dtype)
-    auto_class = auto_model_class(config.task)
+    task = run_task(config)
+    auto_class = auto_model_class(task)
     adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
     if not adapter_config.is_file():
         _require_safetensors(run_dir, run_dir, "model")
@@ -194,9 +195,9 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
         base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
     elif recorded in (None, config.model.name_or_path):
-        labels = _run_labels(run_dir) if config.task in HEAD_TASKS else {}
+        labels = _run_labels(run_dir) if task in HEAD_TASKS else {}
         base = _guarded(
-            lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype, config.task, **labels),
+            lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype, task, **labels),
             "model.name_or_path",
             str(config.model.name_or_path),
         )
@@ -206,6 +207,11 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
             f"nor model.name_or_path of its config.yaml ({config.model.name_or_path!r}); no other base is loaded"
         )
     return PeftModel.from_pretrained(base, run_dir)
+
+
+def run_task(config: RunConfig) -> str:
+    """The task whose model class a run directory holds: a reward model (stage reward) is a one-output classifier."""
+    return "classification" if config.stage == "reward" else config.task
 
 
 def _run_labels(run_dir: Path) -> dict:

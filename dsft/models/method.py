@@ -35,14 +35,15 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def _apply_lora(model, method: MethodConfig, task_type: str):
-    from peft import LoraConfig, get_peft_model
+def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoraConfig for method.lora (task_type as in apply_method), for trainers that wrap the model themselves."""
+    from peft import LoraConfig
 
     lora = method.lora
     modules_to_save = list(lora.modules_to_save)
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "score" not in modules_to_save:
         modules_to_save.append("score")  # the new head starts random: it must train in full and be saved
-    peft_config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -50,6 +51,12 @@ def _apply_lora(model, method: MethodConfig, task_type: str):
         modules_to_save=modules_to_save or None,
         task_type=task_type,
     )
+
+
+def _apply_lora(model, method: MethodConfig, task_type: str):
+    from peft import get_peft_model
+
+    peft_config = lora_config(method, task_type)
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
         return get_peft_model(model, peft_config)

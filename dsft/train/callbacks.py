@@ -69,6 +69,9 @@ class RichProgressCallback(TrainerCallback):
         self.metrics = metrics
         self.progress: Progress | None = None
         self.task = None
+        self.status_keys: dict[str, str] = {}
+        """Further log keys shown after the loss (and on eval lines with their eval_ prefix), by label:
+        e.g. {"rewards/margins": "margin"} for a stage whose trainer logs more than the loss."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress = Progress(
@@ -94,11 +97,17 @@ class RichProgressCallback(TrainerCallback):
             return
         if "loss" in logs:
             status = f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0.0):.2e}"
+            status += self._extra(logs, "")
             if self.metrics.last_tokens_per_second is not None:
                 status += f"  {self.metrics.last_tokens_per_second:,.0f} tok/s"
             self.progress.update(self.task, status=status)
         if "eval_loss" in logs:
-            self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            line = f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}{self._extra(logs, 'eval_')}"
+            self.progress.console.print(line)
+
+    def _extra(self, logs: dict, prefix: str) -> str:
+        shown = [(label, logs[prefix + key]) for key, label in self.status_keys.items() if prefix + key in logs]
+        return "".join(f"  {label} {value:.4g}" for label, value in shown)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()

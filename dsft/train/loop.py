@@ -41,7 +41,9 @@ def data_fingerprints(data) -> dict[str, str]:
     return fingerprints
 
 
-def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool):
+def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool, args_class=None, **stage_arguments):
+    """TrainingArguments from the train section; args_class (a TrainingArguments subclass, e.g. TRL's DPOConfig)
+    with stage_arguments (its own fields) for stages that train with a TRL trainer."""
     import torch
     from transformers import TrainingArguments
 
@@ -49,7 +51,7 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     evaluate = has_validation and train.eval_steps is not None
-    return TrainingArguments(
+    return (TrainingArguments if args_class is None else args_class)(
         output_dir=str(run_dir / rd.CHECKPOINTS_DIR),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -84,6 +86,7 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool):
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **stage_arguments,
     )
 
 
@@ -97,10 +100,11 @@ class Guards:
 
 
 def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
-                   data_collator, first_callbacks=(), **trainer_kwargs):
+                   data_collator, first_callbacks=(), trainer_class=DsftTrainer, args=None, **trainer_kwargs):
     """DsftTrainer with dsft's callbacks and guards, for any stage; trainer_kwargs e.g. compute_loss_func, compute_metrics.
 
-    first_callbacks run before dsft's own, so what they add to a log record reaches metrics.jsonl."""
+    first_callbacks run before dsft's own, so what they add to a log record reaches metrics.jsonl. trainer_class is a
+    DsftTrainer subclass (e.g. one mixed with a TRL trainer), args its arguments; default training_arguments(...)."""
     from transformers import (
         EarlyStoppingCallback,
         PrinterCallback,
@@ -120,14 +124,14 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         callbacks.append(_tensorboard_callback(run_dir))
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    args = training_arguments(train, run_dir, bool(validation_rows))
+    args = training_arguments(train, run_dir, bool(validation_rows)) if args is None else args
     if train.packing:
         pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
         train_rows = packed_rows(train_rows, pack_tokens)
         args.per_device_train_batch_size = 1  # one packed row holds what a padded batch held
         console.print(f"packing: {sum(len(p) for p in train_rows):,} samples in {len(train_rows):,} rows of "
                       f"at most {pack_tokens:,} tokens")
-    trainer = DsftTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_rows,

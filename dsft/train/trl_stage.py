@@ -1,0 +1,116 @@
+"""What the stages that train with a TRL trainer (reward, dpo) share: preference rows as datasets with sample ids,
+TRL's arguments from the train section, and the parts of TRL's trainers dsft replaces with its own.
+
+A stage's trainer class mixes DsftTrainer (staged checkpoints, sample ledger, non-finite flag) into TRL's
+trainer: `class X(DsftTrlTrainer, DPOTrainer)`. Both extend transformers' Trainer through its own methods, so
+the loss, logging and reference handling are TRL's and the checkpoints and guards dsft's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsft.config import RunConfig
+from dsft.data.dataset import DataStats
+from dsft.data.preference_data import load_pairs, pair_texts
+from dsft.errors import DsftError
+from dsft.models.load import ADAPTER_CONFIG_FILE
+from dsft.train.loop import training_arguments
+from dsft.train.trainer import DsftTrainer
+
+
+class DsftTrlTrainer(DsftTrainer):
+    """DsftTrainer's side of a TRL trainer mix: the rows arrive rendered and tokenized, and the run directory
+    (config.yaml, summary.json) describes the run instead of TRL's model card."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # dsft rendered the pairs with the run's chat template, segment by segment, as SFT and generation do;
+        # TRL would render them again through the tokenizer's own template, or merge tokens across the boundary.
+        return dataset
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        # TRL writes its card into args.output_dir at each checkpoint: here the staging directory of checkpoints.
+        return None
+
+
+class WithSampleIds:
+    """A TRL collator that also passes each row's sample_id on, for DsftTrainer's ledger (TRL's collators keep
+    only the keys they know); DsftTrainer.compute_loss takes it out of the batch before the model sees it."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        batch = self.collator(features)
+        if "sample_id" in features[0]:
+            batch["sample_id"] = torch.tensor([feature["sample_id"] for feature in features], dtype=torch.long)
+        return batch
+
+
+def as_dataset(rows: list[dict], with_sample_ids: bool):
+    """rows as a datasets.Dataset (what TRL's trainers take), training rows numbered for the ledger."""
+    from datasets import Dataset
+
+    if with_sample_ids:
+        rows = [{**row, "sample_id": sample_id} for sample_id, row in enumerate(rows)]
+    return Dataset.from_list(rows)
+
+
+def trl_arguments(config: RunConfig, run_dir: Path, has_validation: bool, args_class, **stage_arguments):
+    """args_class (TRL's DPOConfig or RewardConfig) from the train section, with the stage's own fields.
+
+    TRL's defaults that differ from dsft's are overridden: activation checkpointing (TRL: on; dsft turns it on
+    with train.gradient_checkpointing through enable_checkpointing, in train.checkpointing's mode) and
+    max_length (TRL: 1024; dsft fits the pairs to data.max_length_tokens itself and counts what it cut).
+    """
+    return training_arguments(config.train, run_dir, has_validation, args_class, activation_checkpointing=False,
+                              max_length=None, **stage_arguments)
+
+
+def checkpointing_mode(config: RunConfig) -> str:
+    """The activation checkpointing of the run for dsft.models.kernels.enable_checkpointing."""
+    return config.train.checkpointing if config.train.gradient_checkpointing else "off"
+
+
+def training_texts(config: RunConfig):
+    """Every string of the training pairs, for training a preset's tokenizer."""
+    data = config.data
+    yield from pair_texts(load_pairs(data.train_files, data.on_error, DataStats(), data.system_prompt, data.max_samples))
+
+
+def check_stage_config(config: RunConfig) -> None:
+    """Raise DsftError for settings these stages do not apply (rather than ignore them), and for a start from a LoRA
+    run directory (an adapter, not full weights)."""
+    train = config.train
+    unsupported = {
+        "train.packing": train.packing,  # TRL's preference collators pad chosen and rejected side by side
+        "method.unfreeze": bool(config.method.unfreeze),
+        "train.adversarial": train.adversarial.method != "none",
+        "train.liger: on": train.liger == "on",
+        "train.chunked_loss: on": train.chunked_loss == "on",  # DPO's log-probs come from TRL's fused LM head
+        "train.compile": train.compile,
+    }
+    for setting, is_set in unsupported.items():
+        if is_set:
+            raise DsftError(f"{setting} is not supported by stage {config.stage}; remove it from the config")
+    _reject_adapter_start(config)
+
+
+def _reject_adapter_start(config: RunConfig) -> None:
+    path = config.model.name_or_path
+    if path is not None and (Path(path) / ADAPTER_CONFIG_FILE).is_file():
+        raise DsftError(
+            f"model.name_or_path {path} holds a LoRA adapter, not full weights; stage {config.stage} starts from full "
+            "weights: merge the adapter first (peft: AutoPeftModelForCausalLM.from_pretrained(RUN).merge_and_unload()"
+            ".save_pretrained(OUT), then tokenizer.save_pretrained(OUT)) and point at OUT, or train both in one config "
+            "with stages (sft, then this stage), which hands over the merged model"
+        )
+
+
+def data_lines(stats: DataStats) -> list[str]:
+    """DataStats lines worded for pairs."""
+    lines = [line.replace("examples:", "pairs:", 1) for line in stats.lines()]
+    return [line.replace("dropped with no trainable token left", "dropped with no differing answer token left")
+            for line in lines]

@@ -1,0 +1,132 @@
+"""DPO end to end on tiny models: the reward margin and accuracy rise on a planted preference; LoRA leaves the base
+weights bit-identical and the run loads in plain PEFT; full fine-tuning resumes from its checkpoint and loads in
+plain transformers; a bad preference record stops the real CLI with file:line."""
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dsft.cli import app, main
+from dsft.config import load_config
+from dsft.data.formats import Message
+from dsft.errors import DsftError
+from dsft.serve.generate import prompt_ids
+from dsft.train.dpo import run_dpo
+
+from .conftest import QUICKSTART, make_config, read_metrics
+
+POLITE, RUDE = "happy to help.", "stop asking."
+
+
+@pytest.fixture(scope="module")
+def preference_files(tmp_path_factory) -> dict:
+    """Alpaca-style pairs on quickstart prompts: the same answer said politely (chosen) or rudely (rejected)."""
+    lines = (QUICKSTART / "train.jsonl").read_text(encoding="utf-8").splitlines()[:128]
+    pairs = [{"instruction": r["instruction"], "chosen": f"{r['output']}, {POLITE}", "rejected": f"{r['output']}, {RUDE}"}
+             for r in map(json.loads, lines)]
+    root = tmp_path_factory.mktemp("preferences")
+    files = {"train": root / "train.jsonl", "validation": root / "validation.jsonl"}
+    for name, chunk in (("train", pairs[:96]), ("validation", pairs[96:])):
+        files[name].write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in chunk), encoding="utf-8")
+    return files
+
+
+def dpo_config(tmp_path, files, **sections):
+    base = {"data": {"train_files": [str(files["train"])], "validation_files": [str(files["validation"])],
+                     "max_length_tokens": 48},
+            "train": {"learning_rate": 3e-3, "max_steps": 16, "batch_size": 8, "logging_steps": 2,
+                      "lr_scheduler": "constant"}}
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values} if section in ("train", "data") else values
+    path = make_config(tmp_path, {"train": files["train"]}, **base)
+    path.write_text("stage: dpo\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, preference_files):
+    """LoRA DPO on tiny DeepSeek-V3, run in process so the trained model can be inspected."""
+    tmp_path = tmp_path_factory.mktemp("lora")
+    return run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo={"beta": 0.1})))
+
+
+def test_lora_dpo_raises_margin_and_accuracy_on_the_planted_preference(lora_run):
+    summary = lora_run.summary
+    # Measured: margin 0.24 at step 2 -> 1.59 at step 16, accuracy 0.5 -> 1.0; validation reward accuracy 1.0;
+    # log p(chosen) - log p(rejected) on validation -6.6 before training, +9.1 after.
+    assert summary["train_rewards_margins_last_log"] > summary["train_rewards_margins_first_log"] + 1.0
+    assert summary["train_rewards_accuracies_last_log"] >= 0.9 and summary["eval_rewards_accuracies"] >= 0.9
+    assert summary["eval_logps_margin_after"] > summary["eval_logps_margin_before"] + 5
+    assert summary["dpo"]["reference"].startswith("the policy with its LoRA adapter disabled")
+    logged = [r for r in read_metrics(lora_run.run_dir) if "loss" in r]
+    assert len(logged) == 8 and all({"rewards/margins", "rewards/accuracies", "rewards/chosen"} <= set(r) for r in logged)
+
+
+def test_lora_dpo_leaves_base_weights_bit_identical_and_loads_in_plain_peft(lora_run):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    run_dir, model = lora_run.run_dir, lora_run.model
+    assert list(model.peft_config) == ["default"]  # no copied "ref" adapter: the reference is the adapter switched off
+    # base_model/ was written from the starting weights before training (loaded back: the MoE experts are saved
+    # per expert and fused in memory).
+    base_before = AutoModelForCausalLM.from_pretrained(run_dir / "base_model").state_dict()
+    base_after = {name.replace(".base_layer", ""): tensor
+                  for name, tensor in model.get_base_model().state_dict().items() if "lora_" not in name}
+    assert base_before.keys() == base_after.keys()
+    assert all(torch.equal(base_before[name], base_after[name]) for name in base_before)
+    plain = AutoPeftModelForCausalLM.from_pretrained(run_dir).eval()
+    template = load_config(run_dir / "config.yaml").data.chat_template
+    ids = torch.tensor([prompt_ids((Message("user", "Convert 3 km to m."),), template, lora_run.tokenizer)])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_full_dpo_resumes_from_its_checkpoint_and_loads_in_plain_transformers(tmp_path, preference_files):
+    from transformers import AutoModelForCausalLM
+
+    path = dpo_config(tmp_path, preference_files, model={"preset": "tiny-qwen2"}, method={"type": "full"},
+                      train={"max_steps": 6, "save_steps": 3, "logging_steps": 3, "learning_rate": 1e-3},
+                      data={"validation_files": []})
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, ["train", str(path), "--set", "train.max_steps=9", "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    run_dir = tmp_path / "run"
+    assert "resuming from" in resumed.output and json.loads((run_dir / "summary.json").read_text())["steps"] == 9
+    ledger = [json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert ledger == list(range(1, 10))  # every step once: the resumed run continued at step 7
+    margins = [r["rewards/margins"] for r in read_metrics(run_dir) if "rewards/margins" in r]
+    assert margins[-1] > margins[0]
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert model.config.architectures == ["Qwen2ForCausalLM"]
+
+
+def test_bad_preference_record_names_file_and_line(tmp_path, preference_files, monkeypatch, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = preference_files["train"].read_text(encoding="utf-8").splitlines()[:4]
+    lines[2] = json.dumps({"instruction": "Convert 3 km to m.", "chosen": "3000"})
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = dpo_config(tmp_path, {"train": bad, "validation": preference_files["validation"]})
+    monkeypatch.setattr(sys, "argv", ["dsft", "train", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()  # the console script: a user error prints one line, no traceback
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"{bad}:3: field 'rejected' is missing" in err and "Traceback" not in err
+
+
+def test_lora_run_start_and_settings_the_stage_would_ignore_are_refused(tmp_path, preference_files):
+    lora_sft = tmp_path / "lora_sft"
+    lora_sft.mkdir()
+    (lora_sft / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(DsftError, match="holds a LoRA adapter, not full weights; .* merge the adapter first"):
+        run_dpo(load_config(dpo_config(tmp_path, preference_files, model={"name_or_path": str(lora_sft)})))
+    with pytest.raises(DsftError, match="train.packing is not supported by stage dpo"):
+        run_dpo(load_config(dpo_config(tmp_path, preference_files, train={"packing": True})))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
