@@ -206,7 +206,12 @@ def config_validate(configs: Annotated[list[Path], typer.Argument(help="Run conf
 
 def main() -> None:
     """Console entry point: user mistakes print as one clear message, never a traceback."""
+    import os
+
     from dsft.errors import DsftError
+
+    # Nothing about a run leaves the machine unless asked: the hub client (used by TRL) reports usage otherwise.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
     try:
         app()

@@ -87,6 +87,12 @@ class DpoConfig(_Section):
     """Reference model (local dir or hub id); default: the starting model (with LoRA, the model with its
     adapter disabled, so no second copy of the weights)."""
 
+    @model_validator(mode="after")
+    def _smoothing_needs_robust(self) -> DpoConfig:
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError(f"dpo.label_smoothing applies to loss robust only (loss is {self.loss!r})")
+        return self
+
 
 class RewardFunctionConfig(_Section):
     kind: Literal["accuracy", "regex", "format", "diversity", "efficiency", "reward_model", "python"]

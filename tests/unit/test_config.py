@@ -136,9 +136,11 @@ def test_every_field_has_a_docstring():
 
 def test_shipped_examples_validate(capsys):
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
-    assert [p.name for p in examples] == ["quickstart.yaml", "r1_distill_lora.yaml", "support_intent.yaml"]
+    assert [p.name for p in examples] == ["dpo_after_quickstart.yaml", "grpo_quickstart.yaml", "ppo_quickstart.yaml",
+                                          "quickstart.yaml", "r1_distill_lora.yaml", "reward_model.yaml",
+                                          "support_intent.yaml"]
     assert validate_files(examples)
-    assert capsys.readouterr().out.count("ok ") == 3
+    assert capsys.readouterr().out.count("ok ") == 7
 
 
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
