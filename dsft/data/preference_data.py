@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data.chat import render_conversation
-from dsft.data.dataset import ON_ERROR, DataStats, _split_validation
+from dsft.data.dataset import DataStats, _split_validation, load_validated
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
 from dsft.data.preference import PreferencePair, to_pair
-from dsft.data.read import read_records
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
@@ -47,27 +46,7 @@ def load_pairs(files: Sequence[str], on_error: str, stats: DataStats, system_pro
     naming file:line and field. Always raises DsftError for a missing or unreadable file; ValueError for
     an on_error other than ON_ERROR.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    skip_bad = on_error == "skip"
-
-    def skip_unreadable(error: DsftError) -> None:
-        stats.records_read += 1
-        stats.add_skip(error)
-
-    pairs: list[PreferencePair] = []
-    for path in files:
-        for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
-            if max_samples is not None and len(pairs) >= max_samples:
-                return pairs
-            stats.records_read += 1
-            try:
-                pairs.append(to_pair(record, system_prompt))
-            except DsftError as error:
-                if not skip_bad:
-                    raise
-                stats.add_skip(error)
-    return pairs
+    return load_validated(files, lambda record: to_pair(record, system_prompt), on_error, stats, max_samples)
 
 
 def pair_texts(pairs: Sequence[PreferencePair]) -> Iterator[str]:
