@@ -184,6 +184,21 @@ def bench(
     run_bench(suite, output, setup, longest)
 
 
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    gpus: Annotated[int, typer.Option(help="GPUs the run would use (all nodes together).")] = 1,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="Memory of one GPU in GiB.")] = 80.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Estimate per-GPU memory under each train.distributed engine and recommend the smallest that fits."""
+    from dsft.config import load_config
+    from dsft.train.plan import plan_run, print_plan
+
+    print_plan(plan_run(load_config(config, set_ or []), gpus, gpu_memory), json_)
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],

@@ -266,6 +266,10 @@ class TrainConfig(_Section):
     checkpointing: Literal["full", "selective", "offload"] = "full"
     """With gradient_checkpointing: full recomputes each layer; selective keeps attention outputs and recomputes the
     rest; offload is full with what the recompute needs held in pinned CPU memory (CUDA only; full on CPU)."""
+    distributed: Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"] = "ddp"
+    """How several processes (dsft train --nproc N) share the work: ddp replicates the model; zero2 shards optimizer
+    states and gradients (DeepSpeed); zero3 also shards the weights; zero3_offload keeps optimizer states and weights
+    in CPU memory; fsdp2 shards like zero3 with PyTorch FSDP2. One process: ignored. dsft plan estimates each."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
