@@ -44,13 +44,29 @@ def train(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
     set_: SetOption = [],
     resume: Annotated[bool, typer.Option(help="Continue the run in output.dir from its newest checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option(help="Training processes on this machine, one per GPU (train.distributed says how they share the work).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines in the job (run the same command on each).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of the node with node-rank 0.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Free TCP port on that node.")] = 29500,
 ) -> None:
     """Fine-tune a model as CONFIG says and write the run directory."""
     from dsft.config import load_config
+    from dsft.train.launch import Topology, launch
 
     overrides = "".join(f" --set {shlex.quote(item)}" for item in set_)
-    resume_command = f"dsft train {shlex.quote(str(config))}{overrides} --resume"
-    run_config = load_config(config, set_)
+    topology = Topology(nproc, nnodes, node_rank, master_addr, master_port)
+    launch_flags = f" --nproc {nproc}" + (f" --nnodes {nnodes} --node-rank {node_rank} --master-addr {master_addr} "
+                                           f"--master-port {master_port}" if nnodes > 1 else "")
+    resume_command = f"dsft train {shlex.quote(str(config))}{overrides}{launch_flags if topology.launches else ''} --resume"
+    run_config = load_config(config, set_)  # checked before any process starts
+    if topology.launches:
+        worker_args = ["train", str(config), *(a for item in set_ for a in ("--set", item)), *(["--resume"] if resume else [])]
+        launch(topology, worker_args, run_config.train.distributed)
+        return
+    from dsft.train.distributed import init_worker
+
+    init_worker()
     if run_config.stages:
         from dsft.train.stages import run_stages
 
@@ -146,6 +162,21 @@ def chat(
     chat_loop(run, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],
+    out: Annotated[Path, typer.Option(help="New directory for the Hugging Face model (outside the run).")],
+    merge: Annotated[bool, typer.Option(help="Merge a LoRA adapter into its base, tensor by tensor; else keep it separate.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file written, e.g. 2GB, 500MB, 1GiB.")] = "2GB",
+    dtype: Annotated[str, typer.Option(help="keep, float32, bfloat16 or float16 for the floating weights.")] = "keep",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists and is not empty.")] = False,
+) -> None:
+    """Write a run as a plain Hugging Face model directory (safetensors, config, tokenizer)."""
+    from dsft.export.export import export_run
+
+    export_run(run, out, merge, max_shard_size, dtype, overwrite)
+
+
 @data_app.command("prepare")
 def data_prepare(
     config: Annotated[Path, typer.Argument(help="Data preparation config YAML.")],
@@ -228,11 +259,20 @@ def main() -> None:
     # Nothing about a run leaves the machine unless asked: the hub client (used by TRL) reports usage otherwise.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+    from dsft.train.distributed import report_failure, world_size
+
     try:
         app()
     except DsftError as exc:
+        if world_size() > 1:
+            report_failure(str(exc))  # a worker of dsft train --nproc: the launcher names this rank
+            sys.exit(exc.exit_code)
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if world_size() > 1:
+            report_failure(f"{type(exc).__name__}: {exc}")
+        raise
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -16,6 +16,8 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
+from dsft.train.distributed import is_main
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -35,7 +37,9 @@ class MetricsCallback(TrainerCallback):
         self._last_time_s, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
 
     def write(self, record: dict) -> None:
-        """Append one record (it must carry "step") to metrics.jsonl."""
+        """Append one record (it must carry "step") to metrics.jsonl (rank 0 only: the logged numbers are global)."""
+        if not is_main():
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 

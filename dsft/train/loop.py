@@ -24,6 +24,7 @@ from dsft.train import run_dir as rd
 from dsft.train.adversarial import build_adversary
 from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
 from dsft.train.checkpoints import newest_good_checkpoint
+from dsft.train.distributed import engine_arguments, is_main, main_first, world_size, write_engine_config
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
 from dsft.train.unfreeze import ProgressiveUnfreezing
@@ -51,6 +52,8 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool, 
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     evaluate = has_validation and train.eval_steps is not None
+    engine = engine_arguments(train.distributed, train.max_grad_norm)
+    write_engine_config(run_dir, train.distributed, engine, precision)
     return (TrainingArguments if args_class is None else args_class)(
         output_dir=str(run_dir / rd.CHECKPOINTS_DIR),
         per_device_train_batch_size=train.batch_size,
@@ -86,6 +89,7 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool, 
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **engine,
         **stage_arguments,
     )
 
@@ -159,8 +163,9 @@ def checkpoint_to_resume(run_dir: Path, console: Console) -> Path:
         raise DsftError(f"--resume: no checkpoint in {root} verifies against its manifest; nothing to resume from")
     console.print(f"resuming from {checkpoint}")
     step = rd.checkpoint_step(checkpoint)
-    for name in (METRICS_FILE, SAMPLES_FILE):
-        truncate_log(run_dir / name, step)
+    with main_first():  # the others wait until rank 0 has cut the logs back
+        for name in (METRICS_FILE, SAMPLES_FILE) if is_main() else ():
+            truncate_log(run_dir / name, step)
     return checkpoint
 
 
@@ -201,7 +206,17 @@ def _tensorboard_callback(run_dir: Path):
 
 
 def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
-    model = trainer.model
+    """The final model (or adapter) and tokenizer into run_dir, in the same HF format whatever the engine: a sharded
+    engine's full state dict is gathered on every rank, and rank 0 alone writes."""
+    state_dict = None
+    if world_size() > 1 and config.train.distributed != "ddp":
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: all ranks
+    with main_first():
+        if is_main():
+            _save_model(trainer.model, tokenizer, run_dir, config, state_dict)
+
+
+def _save_model(model, tokenizer, run_dir: Path, config: RunConfig, state_dict: dict | None) -> None:
     if config.method.type == "lora" and config.model.preset is not None:
         # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
         adapted = getattr(model, "backbone", model)  # a multitask model adapts its backbone only
@@ -213,7 +228,7 @@ def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
     staging = run_dir / ".staging-final"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         for path in sorted(staging.iterdir()):
             os.replace(path, run_dir / path.name)

@@ -9,6 +9,7 @@ from pathlib import Path
 from dsft.config import OutputConfig, RunConfig, dump_config
 from dsft.errors import DsftError
 from dsft.train.checkpoints import list_checkpoints
+from dsft.train.distributed import is_main, main_first
 
 CHECKPOINTS_DIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
@@ -16,7 +17,14 @@ CONFIG_FILE = "config.yaml"
 
 
 def prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
-    """Create (or, for --resume, check) the run directory; never silently overwrites a run."""
+    """Create (or, for --resume, check) the run directory; never silently overwrites a run.
+
+    With several ranks, rank 0 prepares it first and the others then find it ready (and empty)."""
+    with main_first():
+        return _prepare_run_dir(output, resume)
+
+
+def _prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
     run_dir = Path(output.dir)
     if resume:
         if not list_checkpoints(run_dir / CHECKPOINTS_DIR):
@@ -39,10 +47,14 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:
+    if not is_main():
+        return
     (run_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
+    if not is_main():
+        return
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -25,6 +25,7 @@ from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
+from dsft.train.distributed import is_main, main_first
 from dsft.train.loop import (
     build_trainer,
     checkpoint_to_resume,
@@ -65,7 +66,8 @@ def run_sft(
     # Setup: tokenizer (trained on the data for a preset), then data rendered with the template
     # that generation will use too; the resolved template is saved so `dsft generate` agrees.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
+    with main_first():  # rank 0 trains and saves a preset's tokenizer; the others load it
+        tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
     template = resolve_template(config.data.chat_template, tokenizer)
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)
@@ -78,7 +80,7 @@ def run_sft(
 
     # Model and method.
     model = build_model(config.model, tokenizer, config.train.seed)
-    if config.model.preset is not None and config.method.type == "lora":
+    if config.model.preset is not None and config.method.type == "lora" and is_main():
         # A preset exists nowhere else: keep its base weights so the adapter can be loaded.
         model.save_pretrained(run_dir / BASE_MODEL_DIR)
     model = apply_method(model, config.method)

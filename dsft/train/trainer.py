@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 
 from dsft.train import checkpoints as ckpt
 from dsft.train.chunked_loss import chunked_lm_loss
+from dsft.train.distributed import gather_lists, is_main
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -33,9 +34,12 @@ class SampleLedger(TrainerCallback):
         self._pending.extend(int(i) for i in sample_ids)
 
     def on_step_end(self, args, state, control, **kwargs):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": state.global_step, "sample_ids": self._pending}) + "\n")
+        sample_ids = gather_lists(self._pending)  # every rank's share of the step, in rank order
         self._pending = []
+        if not is_main():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, "sample_ids": sample_ids}) + "\n")
 
 
 class DsftTrainer(Trainer):
@@ -102,7 +106,9 @@ class DsftTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         root = Path(self.args.output_dir)
         staging_root = root / ckpt.STAGING_DIR
-        shutil.rmtree(staging_root, ignore_errors=True)  # what a crash in an earlier save left
+        if self.is_world_process_zero():
+            shutil.rmtree(staging_root, ignore_errors=True)  # what a crash in an earlier save left
+        self.accelerator.wait_for_everyone()  # sharded engines: every rank writes its shard into the staging dir
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
@@ -112,6 +118,12 @@ class DsftTrainer(Trainer):
             raise ckpt.write_error(exc, root, staged_bytes) from exc
         finally:
             self.args.output_dir = str(root)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            self._publish(root, staging_root)
+        self.accelerator.wait_for_everyone()  # no rank goes on (or resumes) before the checkpoint is published
+
+    def _publish(self, root: Path, staging_root: Path) -> None:
         staged = staging_root / f"checkpoint-{self.state.global_step}"
         best = self._point_best_at(root, staged)
         try:

@@ -1,0 +1,71 @@
+"""dsft train --nproc N: start N worker processes per node through torch.distributed.run and name a failed rank.
+
+Each worker runs `python -m dsft.cli train CONFIG ...` (the same command without the launch flags) with RANK,
+WORLD_SIZE and the rendezvous in its environment; the engine (train.distributed) is applied inside the worker
+(distributed.py). torch.distributed.run stops every worker when one fails; dsft then names the rank that failed
+first, from the error file each worker writes (distributed.report_failure).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsft.errors import DsftError
+from dsft.train.distributed import ERROR_DIR_ENV, check_engine
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where the workers run: nproc_per_node processes on each of nnodes machines."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def launches(self) -> bool:
+        """More than one process in all: go through the launcher (a worker never launches again)."""
+        return self.nproc_per_node * self.nnodes > 1 and "RANK" not in os.environ
+
+
+def torchrun_command(topology: Topology, worker_args: list[str]) -> list[str]:
+    """The torch.distributed.run command line that starts this node's workers on `dsft.cli` worker_args.
+
+    Raises DsftError for an impossible topology."""
+    if topology.nproc_per_node < 1 or topology.nnodes < 1 or not 0 <= topology.node_rank < topology.nnodes:
+        raise DsftError(f"--nproc must be >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes (got {topology})")
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={topology.nproc_per_node}", f"--nnodes={topology.nnodes}",
+        f"--node-rank={topology.node_rank}", f"--master-addr={topology.master_addr}",
+        f"--master-port={topology.master_port}",
+        "-m", "dsft.cli", *worker_args,
+    ]
+
+
+def launch(topology: Topology, worker_args: list[str], engine: str) -> None:
+    """Run this node's workers to the end with train.distributed engine.
+
+    Raises DsftError when the engine cannot run here, or naming the failed rank(s) when any worker fails."""
+    check_engine(engine)
+    with tempfile.TemporaryDirectory(prefix="dsft-ranks-") as error_dir:
+        env = {**os.environ, ERROR_DIR_ENV: error_dir}
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it is not a surprise
+        returncode = subprocess.run(torchrun_command(topology, worker_args), env=env, check=False).returncode
+        if returncode != 0:
+            raise DsftError(_failure_message(Path(error_dir), returncode))
+
+
+def _failure_message(error_dir: Path, returncode: int) -> str:
+    reports = sorted(error_dir.glob("rank-*.txt"), key=lambda path: path.stat().st_mtime)
+    if not reports:
+        return f"distributed training failed (exit status {returncode}); see the workers' output above for the rank"
+    first = reports[0].read_text(encoding="utf-8").strip()
+    return f"distributed training stopped: {first}" + (f" ({len(reports)} ranks failed)" if len(reports) > 1 else "")

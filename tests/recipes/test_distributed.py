@@ -1,0 +1,119 @@
+"""dsft train --nproc 2 on CPU (gloo): the same per-step losses as one process with the same global batch, exact
+resume from a checkpoint, the same run-directory format, and a failing rank named in the error."""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.recipes.conftest import make_config, train_losses
+
+FULL_QWEN = {"model": {"preset": "tiny-qwen2"}, "method": {"type": "full"}}
+STEPS = {"max_steps": 4, "save_steps": 2, "batch_size": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dsft_train(config: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a child process (so torch.distributed.run can start its own)."""
+    command = [sys.executable, "-m", "dsft.cli", "train", str(config), *args]
+    if "--nproc" in args:
+        command += ["--master-port", str(_free_port())]
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=300, check=False)
+
+
+def _run(tmp_path: Path, tiny_data: dict, name: str, *args: str, sections: dict, **train) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    config = make_config(folder, tiny_data, **sections, train={**STEPS, **train})
+    result = dsft_train(config, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data) -> dict:
+    """One process with batch 8, and two processes with batch 4 each (the same global batch), full fine-tuning."""
+    root = tmp_path_factory.mktemp("distributed")
+    return {
+        "single": _run(root, tiny_data, "single", sections=FULL_QWEN),
+        "ddp": _run(root, tiny_data, "ddp", "--nproc", "2", sections=FULL_QWEN, batch_size=4),
+    }
+
+
+def test_ddp_two_ranks_equal_one_process(runs):
+    single, ddp = train_losses(runs["single"]), train_losses(runs["ddp"])
+    assert list(ddp) == [1, 2, 3, 4]
+    assert ddp == pytest.approx(single, rel=1e-4)
+    ledger = [json.loads(line)["sample_ids"] for line in (runs["ddp"] / "samples.jsonl").read_text().splitlines()]
+    consumed = [i for ids in ledger for i in ids]
+    assert len(consumed) == len(set(consumed)) == 32  # 4 steps x 8: no sample repeated or dropped across ranks
+    engine = json.loads((runs["ddp"] / "distributed.json").read_text())
+    assert (engine["engine"], engine["world_size"]) == ("ddp", 2)
+
+
+def test_ddp_output_has_the_single_process_format_and_loads(runs):
+    from transformers import AutoModelForCausalLM
+
+    def listing(run_dir: Path) -> set[str]:
+        return {path.name for path in run_dir.iterdir()}
+
+    assert listing(runs["ddp"]) == listing(runs["single"])
+    checkpoint_files = {p.name for p in (runs["ddp"] / "checkpoints" / "checkpoint-4").iterdir()}
+    assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint_files
+    model = AutoModelForCausalLM.from_pretrained(runs["ddp"])
+    assert sum(p.numel() for p in model.parameters()) == 886_912
+
+
+def test_ddp_resume_reproduces_the_trajectory(runs, tmp_path):
+    resumed = tmp_path / "run"
+    shutil.copytree(runs["ddp"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")  # as if stopped after the checkpoint of step 2
+    config = resumed / "config.yaml"
+    result = dsft_train(config, "--set", f"output.dir={resumed}", "--nproc", "2", "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert train_losses(resumed) == pytest.approx(train_losses(runs["ddp"]), rel=1e-5)
+
+
+def test_ddp_lora_adapter_loads_in_peft(tmp_path, tiny_data):
+    from peft import AutoPeftModelForCausalLM
+
+    run_dir = _run(tmp_path, tiny_data, "lora", "--nproc", "2", sections={}, batch_size=4, max_steps=2, save_steps=None)
+    assert (run_dir / "adapter_model.safetensors").is_file() and not (run_dir / "model.safetensors").exists()
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir)
+    assert model.peft_config["default"].r == 8
+
+
+def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
+    config = make_config(tmp_path, tiny_data, **FULL_QWEN, train=STEPS)
+    result = dsft_train(config, "--nproc", "2", env={"DSFT_TEST_FAIL_RANK": "1"})
+    assert result.returncode != 0
+    assert "rank 1: RuntimeError: failure injected by DSFT_TEST_FAIL_RANK" in result.stderr
+
+
+def test_fsdp2_on_cpu_is_refused_with_the_reason(tmp_path, tiny_data):
+    config = make_config(tmp_path, tiny_data, **FULL_QWEN, train={**STEPS, "distributed": "fsdp2"})
+    result = dsft_train(config, "--nproc", "2")
+    assert result.returncode != 0
+    assert "error: train.distributed: fsdp2 needs CUDA GPUs" in result.stderr  # said before any worker starts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_two_ranks_equal_one_process(runs, tmp_path, tiny_data, engine):
+    run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine)
+    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["deepspeed"]
+    assert {p.name for p in run_dir.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
