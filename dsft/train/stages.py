@@ -78,26 +78,24 @@ def _next_start(stage_dir: Path, stage_config: RunConfig, console: Console) -> M
     """The model the next stage starts from: this stage's weights, as a local directory."""
     weights_dir = stage_dir
     if stage_config.method.type == "lora":
-        weights_dir = _merged_weights(stage_dir, stage_config.model.dtype, console)
+        weights_dir = _merged_weights(stage_dir, console)
     previous = stage_config.model
     return ModelConfig(name_or_path=str(weights_dir.resolve()), dtype=previous.dtype,
                        attn_implementation=previous.attn_implementation,
                        tokenizer_vocab_size=previous.tokenizer_vocab_size)
 
 
-def _merged_weights(stage_dir: Path, dtype: str, console: Console) -> Path:
-    """The stage's adapter merged into its base, saved (safetensors, with the tokenizer) in stage_dir/merged."""
-    from dsft.models.load import load_run
+def _merged_weights(stage_dir: Path, console: Console) -> Path:
+    """The stage's adapter merged into its base, saved (safetensors, with the tokenizer) in stage_dir/merged.
+
+    dsft export's streaming merge: tensor by tensor in the base's dtype, so no second copy of the model is held.
+    """
+    from dsft.export.export import write_export
 
     merged_dir = stage_dir / MERGED_DIR
     if (merged_dir / "config.json").is_file():
         return merged_dir
-    model, tokenizer, _ = load_run(stage_dir, dtype)
-    merged = model.merge_and_unload()
-    staging = stage_dir / ".staging-merged"
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    staging.rename(merged_dir)  # the next stage never sees a half-written merged model
+    write_export(stage_dir, merged_dir, merge=True)  # renamed into place: the next stage never sees half of it
     console.print(f"merged the adapter into its base: {merged_dir}")
     return merged_dir
 
