@@ -153,3 +153,22 @@ def write_engine_config(run_dir: Path, engine: str, arguments: dict, mixed_preci
     record = {"engine": engine if world_size() > 1 else "single_process", "world_size": world_size(),
               "mixed_precision": mixed_precision, "training_arguments": arguments}
     (Path(run_dir) / ENGINE_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def moe_block_classes(model) -> list[type]:
+    """Classes of the model's MoE blocks: modules holding both a router (gate) and experts (DeepSeek V2/V3's
+    DeepseekV2Moe / DeepseekV3MoE, and the MoE blocks of most HF models)."""
+    return sorted({type(m) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}, key=str)
+
+
+def mark_moe_leaves(model, engine: str) -> list[str]:
+    """Under ZeRO-3, make each MoE block one leaf for DeepSpeed's parameter fetching: ZeRO-3 otherwise gathers an
+    expert's weights only when a token reaches it, and ranks whose tokens pick different experts wait for each
+    other forever. Returns the marked class names (none for other engines or a dense model)."""
+    classes = moe_block_classes(model)
+    if engine not in ("zero3", "zero3_offload") or world_size() <= 1 or not classes:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, classes)
+    return [cls.__name__ for cls in classes]

@@ -24,7 +24,14 @@ from dsft.train import run_dir as rd
 from dsft.train.adversarial import build_adversary
 from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
 from dsft.train.checkpoints import newest_good_checkpoint
-from dsft.train.distributed import engine_arguments, is_main, main_first, world_size, write_engine_config
+from dsft.train.distributed import (
+    engine_arguments,
+    is_main,
+    main_first,
+    mark_moe_leaves,
+    world_size,
+    write_engine_config,
+)
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
 from dsft.train.unfreeze import ProgressiveUnfreezing
@@ -129,6 +136,9 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     args = training_arguments(train, run_dir, bool(validation_rows)) if args is None else args
+    leaves = mark_moe_leaves(model, train.distributed)
+    if leaves:
+        console.print(f"ZeRO-3: MoE blocks fetched whole ({', '.join(leaves)})")
     if train.packing:
         pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
         train_rows = packed_rows(train_rows, pack_tokens)

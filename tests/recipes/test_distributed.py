@@ -77,14 +77,7 @@ def test_ddp_output_has_the_single_process_format_and_loads(runs):
 
 
 def test_ddp_resume_reproduces_the_trajectory(runs, tmp_path):
-    resumed = tmp_path / "run"
-    shutil.copytree(runs["ddp"], resumed)
-    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")  # as if stopped after the checkpoint of step 2
-    config = resumed / "config.yaml"
-    result = dsft_train(config, "--set", f"output.dir={resumed}", "--nproc", "2", "--resume")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "resuming from" in result.stdout
-    assert train_losses(resumed) == pytest.approx(train_losses(runs["ddp"]), rel=1e-5)
+    _resume_from_step_2(runs["ddp"], tmp_path / "run", "--nproc", "2")
 
 
 def test_ddp_lora_adapter_loads_in_peft(tmp_path, tiny_data):
@@ -116,4 +109,41 @@ def test_deepspeed_two_ranks_equal_one_process(runs, tmp_path, tiny_data, engine
     run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine)
     assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
     assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["deepspeed"]
-    assert {p.name for p in run_dir.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {p.name for p in run_dir.iterdir()} == {p.name for p in runs["single"].iterdir()}
+    _assert_same_weights(run_dir, runs["ddp"])  # gathered from the shards: the model DDP trained
+    if engine == "zero3":  # sharded checkpoint (one optimizer shard per rank), then --resume from it
+        _resume_from_step_2(run_dir, tmp_path / "resumed", "--nproc", "2")
+
+
+def _assert_same_weights(run_dir: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights, expected = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name, tensor in weights.items():
+        assert tensor.shape == expected[name].shape and tensor.allclose(expected[name], rtol=1e-3, atol=1e-5), name
+
+
+def _resume_from_step_2(run_dir: Path, resumed: Path, *args: str) -> None:
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")  # as if stopped after the checkpoint of step 2
+    result = dsft_train(resumed / "config.yaml", "--set", f"output.dir={resumed}", *args, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert train_losses(resumed) == pytest.approx(train_losses(run_dir), rel=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+def test_deepseek_moe_blocks_are_zero3_leaves(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from dsft.models.presets import preset_config
+    from dsft.train.distributed import mark_moe_leaves
+
+    model = AutoModelForCausalLM.from_config(preset_config("tiny-deepseek-v3", 512, 1, 2, 0))
+    assert mark_moe_leaves(model, "zero3") == []  # one process: nothing to fetch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert mark_moe_leaves(model, "zero2") == []
+    assert mark_moe_leaves(model, "zero3") == ["DeepseekV3MoE"]
+    moe_blocks = [m for m in model.modules() if type(m).__name__ == "DeepseekV3MoE"]
+    assert len(moe_blocks) == 3 and all(m._z3_leaf for m in moe_blocks)  # the attribute DeepSpeed reads
