@@ -147,3 +147,17 @@ def test_deepseek_moe_blocks_are_zero3_leaves(monkeypatch):
     assert mark_moe_leaves(model, "zero3") == ["DeepseekV3MoE"]
     moe_blocks = [m for m in model.modules() if type(m).__name__ == "DeepseekV3MoE"]
     assert len(moe_blocks) == 3 and all(m._z3_leaf for m in moe_blocks)  # the attribute DeepSpeed reads
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+def test_deepseek_moe_lora_under_zero3_equals_one_process(tmp_path, tiny_data):
+    """LoRA on the tiny DeepSeek-V3 (MoE blocks as ZeRO-3 leaves): same losses, same adapter files and values."""
+    from safetensors.torch import load_file
+
+    small = {"max_steps": 3, "save_steps": None}
+    single = _run(tmp_path, tiny_data, "single", sections={}, **small)
+    zero3 = _run(tmp_path, tiny_data, "zero3", "--nproc", "2", sections={}, batch_size=4, distributed="zero3", **small)
+    assert train_losses(zero3) == pytest.approx(train_losses(single), rel=1e-4)
+    adapter, expected = load_file(zero3 / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    assert all(adapter[k].allclose(expected[k], rtol=1e-3, atol=1e-3) for k in adapter)
