@@ -9,6 +9,8 @@ first, from the error file each worker writes (distributed.report_failure).
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,9 +60,25 @@ def launch(topology: Topology, worker_args: list[str], engine: str) -> None:
     with tempfile.TemporaryDirectory(prefix="dsft-ranks-") as error_dir:
         env = {**os.environ, ERROR_DIR_ENV: error_dir}
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it is not a surprise
-        returncode = subprocess.run(torchrun_command(topology, worker_args), env=env, check=False).returncode
+        returncode = _run_forwarding_sigterm(torchrun_command(topology, worker_args), env)
         if returncode != 0:
-            raise DsftError(_failure_message(Path(error_dir), returncode))
+            message = _failure_message(Path(error_dir), returncode)
+            raise DsftError(_with_resume_command(message, topology, worker_args))
+
+
+def _run_forwarding_sigterm(command: list[str], env: dict) -> int:
+    """Run the launcher and wait; a SIGTERM to dsft (a scheduler's preemption) goes on to it, so the workers save a
+    checkpoint and stop instead of training on as orphans. Ctrl-C reaches them from the terminal directly."""
+    child = subprocess.Popen(command, env=env)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _failure_message(error_dir: Path, returncode: int) -> str:
@@ -69,3 +87,18 @@ def _failure_message(error_dir: Path, returncode: int) -> str:
         return f"distributed training failed (exit status {returncode}); see the workers' output above for the rank"
     first = reports[0].read_text(encoding="utf-8").strip()
     return f"distributed training stopped: {first}" + (f" ({len(reports)} ranks failed)" if len(reports) > 1 else "")
+
+
+RESUME_MARK = "Resume with: "
+
+
+def _with_resume_command(message: str, topology: Topology, worker_args: list[str]) -> str:
+    """A worker stopped by a signal says how to resume as one process; say it with this launch's flags instead."""
+    if RESUME_MARK not in message:
+        return message
+    flags = [f"--nproc={topology.nproc_per_node}"]
+    if topology.nnodes > 1:
+        flags += [f"--nnodes={topology.nnodes}", f"--node-rank={topology.node_rank}",
+                  f"--master-addr={topology.master_addr}", f"--master-port={topology.master_port}"]
+    args = [arg for arg in worker_args if arg != "--resume"]
+    return message.split(RESUME_MARK)[0] + RESUME_MARK + shlex.join(["dsft", *args, *flags, "--resume"])

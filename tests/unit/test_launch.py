@@ -39,3 +39,12 @@ def test_engine_arguments_by_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert engine_arguments("ddp", 1.0) == {"ddp_find_unused_parameters": False}
     assert engine_arguments("zero3", 1.0)["deepspeed"]["zero_optimization"]["stage"] == 3
+
+
+def test_a_stop_by_signal_says_how_to_resume_all_ranks():
+    from dsft.train.launch import _with_resume_command
+
+    worker = "distributed training stopped: rank 0: stopped by SIGTERM at step 3; Resume with: dsft train a.yaml --resume"
+    message = _with_resume_command(worker, Topology(4), ["train", "a.yaml", "--set", "train.seed=1"])
+    assert message.endswith("Resume with: dsft train a.yaml --set train.seed=1 --nproc=4 --resume")
+    assert _with_resume_command("rank 1: bad", Topology(4), ["train", "a.yaml"]) == "rank 1: bad"
