@@ -238,7 +238,9 @@ def _save_model(model, tokenizer, run_dir: Path, config: RunConfig, state_dict: 
     staging = run_dir / ".staging-final"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        # Only a sharded engine passes the gathered state dict (the multitask module takes no such argument).
+        gathered = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(staging, safe_serialization=True, **gathered)
         tokenizer.save_pretrained(staging)
         for path in sorted(staging.iterdir()):
             os.replace(path, run_dir / path.name)
