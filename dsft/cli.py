@@ -177,6 +177,19 @@ def export(
     export_run(run, out, merge, max_shard_size, dtype, overwrite)
 
 
+@app.command()
+def serve(
+    run: Annotated[str, typer.Argument(help="Run directory, or a Hugging Face model directory (e.g. dsft export output).")],
+    config: Annotated[Path | None, typer.Option(help="Serve config YAML (a serve: section); default: built-in settings.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (same as --set serve.port=N); default 8000.", min=0, max=65535)] = None,
+    set_: SetOption = [],
+) -> None:
+    """Serve a model with the OpenAI API (chat, completions, streaming), batching concurrent requests."""
+    from dsft.serve.server import run_server
+
+    run_server(run, config, set_, port)
+
+
 @data_app.command("prepare")
 def data_prepare(
     config: Annotated[Path, typer.Argument(help="Data preparation config YAML.")],

@@ -1,0 +1,316 @@
+"""How `dsft serve` handles one request: authorize, read, parse, resolve the model, render the prompt, generate
+(through the engine's queue, or from the cache), account. The routes in server.py only shape the responses.
+
+Chat prompts are rendered by the served run's own chat template through the very
+functions that rendered its training data; a reasoning model's <think> text goes in reasoning_content, as in
+DeepSeek's API.
+
+Safety defaults: bind 127.0.0.1; with api_keys configured every route but /health needs `Authorization: Bearer KEY`
+(compared in constant time, never logged); caps on the body, the prompt tokens and max_tokens; a request timeout;
+prompts are not logged unless log_prompts; a model is only looked up by name among those loaded at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from dsft.config_serve import ServeConfig
+from dsft.errors import DsftError
+from dsft.serve.batcher import Job, JobRefused, QueueFull, Sampling
+from dsft.serve.cache import CachedReply, ReplyCache
+from dsft.serve.metrics import ServeMetrics
+from dsft.serve.models import ServedModel, ServedModels
+from dsft.serve.openai_schema import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    parse_request,
+    usage,
+)
+from dsft.serve.reply_text import ReplyText, prompt_opens_thinking
+
+log = logging.getLogger("dsft.serve")
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
+             "/health": "health", "/metrics": "metrics"}
+"""Path -> endpoint label; any other path is labelled "other" (label values never come from a request)."""
+
+MODEL_HEADER = "x-dsft-model"
+"""Response header naming the served model that answered (a canary alias names the version it routed to)."""
+
+
+@dataclass
+class Call:
+    """One generation request, parsed and resolved."""
+
+    request_id: str
+    endpoint: str
+    requested: str
+    served: ServedModel
+    prompt_ids: list[int]
+    opens_thinking: bool
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    started_s: float
+    prompt_text: str = ""
+    finish_reason: str = "stop"
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    cache_hit: bool = False
+    text: list[str] = field(default_factory=list)
+
+
+class App:
+    """The state behind the routes: served models, engine, cache, metrics, settings."""
+
+    def __init__(self, served: ServedModels, config: ServeConfig, engine, metrics: ServeMetrics):
+        self.served, self.config, self.engine, self.metrics = served, config, engine, metrics
+        self.cache = ReplyCache(config.cache.max_entries)
+        self._keys = [key.get_secret_value().encode() for key in config.api_keys]
+        self.created_s = int(time.time())
+
+    # -- requests in ----------------------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        """Raise ApiError(401) unless keys are off or the bearer token equals one of them (constant time)."""
+        if not self._keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing API key: send Authorization: Bearer KEY", "auth", code="invalid_api_key")
+        # Every key is compared, so the time taken does not tell which (or how many) keys came close.
+        matches = [hmac.compare_digest(token.strip().encode(), key) for key in self._keys]
+        if not any(matches):
+            raise ApiError(401, "invalid API key", "auth", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed max_body_bytes (never read whole)."""
+        cap = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, f"request body over {cap} bytes", "body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise ApiError(413, f"request body over {cap} bytes", "body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def resolve(self, requested: str, request: Request) -> ServedModel:
+        served = self.served.resolve(requested)
+        if served is None:
+            names = ", ".join(self.served.names())
+            raise ApiError(404, f"model {requested!r} is not served; served models: {names}", "model_not_found",
+                           param="model", code="model_not_found")
+        request.state.served_model = served.name
+        self.metrics.routed.labels(self._requested_label(requested), served.name).inc()
+        return served
+
+    def _requested_label(self, requested: str) -> str:
+        return requested if requested in self.served.names() else "-"
+
+    def prompt(self, parsed, served: ServedModel) -> tuple[list[int], str]:
+        """(token ids, text) of the prompt: chat messages through the run's template, completion text as training
+        rendered plain text; raises ApiError(400) for a conversation the template refuses or a prompt over the cap."""
+        from dsft.data.chat import render_prompt, render_text
+        from dsft.data.encode import encode_segments
+        from dsft.data.formats import Message
+
+        tokenizer = self.served.tokenizer
+        try:
+            if isinstance(parsed, ChatCompletionRequest):
+                messages = [Message("system" if m.role == "developer" else m.role, m.text(), m.reasoning_content)
+                            for m in parsed.messages]
+                segments = render_prompt(messages, served.template, tokenizer)
+            else:
+                segments = render_text(parsed.prompt, tokenizer)[:-1]  # [bos] + text: no end-of-sequence
+            ids, _ = encode_segments(segments, tokenizer)
+        except (DsftError, ValueError) as exc:
+            param = "messages" if isinstance(parsed, ChatCompletionRequest) else "prompt"
+            raise ApiError(400, f"{param}: {exc}", "invalid_request", param=param) from None
+        cap = self.config.limits.max_prompt_tokens
+        if len(ids) > cap:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {cap} are allowed", "prompt_too_long",
+                           param="messages" if isinstance(parsed, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        return ids, "".join(segment.text for segment in segments)
+
+    def max_tokens(self, parsed) -> int:
+        limits = self.config.limits
+        requested = parsed.requested_max_tokens()
+        if requested is None:
+            return min(limits.default_max_tokens, limits.max_tokens)
+        if requested > limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {requested}; at most {limits.max_tokens} are allowed",
+                           "max_tokens_too_large", param="max_tokens")
+        return requested
+
+    async def call(self, request: Request, endpoint: str) -> Call:
+        """Authorize, read, parse and resolve one generation request; every refusal is an ApiError (4xx)."""
+        started_s = time.perf_counter()
+        self.authorize(request)
+        body = await self.read_body(request)
+        parsed = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+        served = self.resolve(parsed.model, request)
+        ids, prompt_text = self.prompt(parsed, served)
+        temperature = 1.0 if parsed.temperature is None else parsed.temperature
+        sampling = Sampling(temperature, 1.0 if parsed.top_p is None else parsed.top_p)
+        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+        return Call(new_id(prefix), endpoint, parsed.model, served, ids, prompt_opens_thinking(prompt_text),
+                    self.max_tokens(parsed), sampling, parsed.stop_strings(), parsed.stream, parsed.include_usage(),
+                    started_s, prompt_text)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def cache_key(self, call: Call) -> tuple | None:
+        if not call.sampling.greedy or self.cache.max_entries == 0:
+            return None
+        return ReplyCache.key(call.served.name, call.prompt_ids, call.max_tokens, call.stop)
+
+    def cached(self, call: Call) -> CachedReply | None:
+        key = self.cache_key(call)
+        if key is None:
+            return None
+        reply = self.cache.get(key)
+        (self.metrics.cache_hits if reply is not None else self.metrics.cache_misses).inc()
+        return reply
+
+    def submit(self, call: Call) -> tuple[Job, asyncio.Queue]:
+        """Queue call's generation; raises ApiError(503) when the queue is full."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(event: tuple) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(call.prompt_ids, call.max_tokens, call.sampling, call.served.name, deliver,
+                  per_token=call.stream or bool(call.stop))
+        try:
+            self.engine.submit(job)
+        except QueueFull:
+            raise ApiError(503, "the server is overloaded; retry later", "queue_full",
+                           code="server_overloaded") from None
+        except JobRefused as exc:
+            raise ApiError(400, str(exc), "unsupported", param="temperature") from None
+        return job, events
+
+    def start(self, call: Call) -> AsyncIterator[str]:
+        """Begin call's reply: from the cache, or queued for the engine at once (so a full queue is a 503 before
+        any response starts). Returns the reply's text pieces as they are released."""
+        cached = self.cached(call)
+        if cached is not None:
+            call.cache_hit, call.finish_reason = True, cached.finish_reason
+            call.completion_tokens = cached.completion_tokens
+            return self._cached_pieces(call, cached.text)
+        job, events = self.submit(call)
+        return self._pieces(call, job, events)
+
+    async def _cached_pieces(self, call: Call, text: str) -> AsyncIterator[str]:
+        call.text.append(text)
+        yield text
+
+    async def _pieces(self, call: Call, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
+        """Fills call's finish reason, token counts and times; raises ApiError (504 on the request timeout, 500 when
+        generation failed)."""
+        text = ReplyText(self.served.tokenizer, call.stop)
+        deadline_s = call.started_s + self.config.limits.request_timeout_s
+        try:
+            while True:
+                kind, value = await self._next_event(events, deadline_s)
+                if kind == "error":
+                    raise ApiError(500, value, "generation")
+                if kind == "end" and value == "cancelled" and not text.stopped:
+                    # Only a stopping server cancels a job its client still waits for: never cache the cut reply.
+                    raise ApiError(503, "the server is stopping; retry later", "cancelled", code="server_stopping")
+                if kind == "end":
+                    call.finish_reason = "length" if value == "length" and not text.stopped else "stop"
+                    break
+                tokens = value if kind == "tokens" else [value]
+                self._count_tokens(call, len(tokens))
+                piece = text.extend(tokens)
+                if text.stopped:
+                    job.cancelled.set()  # the rest of the row would be cut off anyway
+                if piece:
+                    call.text.append(piece)
+                    yield piece
+            if piece := text.finish():
+                call.text.append(piece)
+                yield piece
+        finally:
+            job.cancelled.set()  # no-op when it ended; frees the row when the client left or timed out
+        self._remember(call)
+
+    async def _next_event(self, events: asyncio.Queue, deadline_s: float) -> tuple:
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, deadline_s - time.perf_counter()))
+        except TimeoutError:
+            timeout_s = self.config.limits.request_timeout_s
+            raise ApiError(504, f"the request did not finish within {timeout_s:g} s", "timeout",
+                           code="timeout") from None
+
+    def _count_tokens(self, call: Call, count: int) -> None:
+        now_s = time.perf_counter()
+        if call.first_token_s is None:
+            call.first_token_s = now_s
+            self.metrics.time_to_first_token.labels(call.served.name).observe(now_s - call.started_s)
+        call.last_token_s = now_s
+        call.completion_tokens += count
+
+    def _remember(self, call: Call) -> None:
+        key = self.cache_key(call)
+        if key is not None and not call.cache_hit:
+            self.cache.put(key, CachedReply("".join(call.text), call.finish_reason, call.completion_tokens))
+            self.metrics.cache_entries.set(len(self.cache))
+
+    # -- accounting -----------------------------------------------------------------------------------------------
+
+    def finished(self, call: Call, status: int) -> None:
+        """Metrics and the one log line of a generation request that was answered."""
+        name, m = call.served.name, self.metrics
+        m.requests.labels(call.endpoint, name, str(status)).inc()
+        m.request_latency.labels(call.endpoint, name).observe(time.perf_counter() - call.started_s)
+        m.prompt_tokens.labels(name).inc(len(call.prompt_ids))
+        if not call.cache_hit:  # a cached reply generated nothing now
+            m.generated_tokens.labels(name).inc(call.completion_tokens)
+        if not call.cache_hit and call.completion_tokens >= 2 and call.last_token_s > call.first_token_s:
+            m.tokens_per_second.labels(name).observe(
+                (call.completion_tokens - 1) / (call.last_token_s - call.first_token_s))
+        log.info("%s %s requested=%s served=%s status=%d prompt_tokens=%d completion_tokens=%d cache=%s "
+                 "latency_ms=%.1f", call.request_id, call.endpoint, self._requested_label(call.requested), name,
+                 status, len(call.prompt_ids), call.completion_tokens, "hit" if call.cache_hit else "miss",
+                 (time.perf_counter() - call.started_s) * 1000)
+        if self.config.log_prompts:
+            log.info("%s prompt=%s reply=%s", call.request_id, json.dumps(call.prompt_text, ensure_ascii=False),
+                     json.dumps("".join(call.text), ensure_ascii=False))
+
+    def headers(self, call: Call) -> dict:
+        return {MODEL_HEADER: call.served.name, "x-request-id": call.request_id}
+
+    def usage(self, call: Call) -> dict:
+        return usage(len(call.prompt_ids), call.completion_tokens)
+
+    def error_response(self, request: Request, error: ApiError) -> JSONResponse:
+        endpoint = ENDPOINTS.get(request.url.path, "other")
+        model = getattr(request.state, "served_model", "-")
+        self.metrics.errors.labels(error.kind).inc()
+        self.metrics.requests.labels(endpoint, model, str(error.status)).inc()
+        log.info("%s status=%d kind=%s", endpoint, error.status, error.kind)
+        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
