@@ -27,11 +27,9 @@ from transformers.integrations import TensorBoardCallback
 from trl import GRPOTrainer
 
 from dsft.config import RunConfig
-from dsft.data.chat import resolve_template
-from dsft.data.dataset import DataStats
-from dsft.data.prompts import RlPrompt, load_rl_prompts, prompt_texts
+from dsft.data.prompts import RlPrompt
 from dsft.errors import DsftError
-from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
+from dsft.models.load import BASE_MODEL_DIR, build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback
@@ -50,6 +48,7 @@ from dsft.train.rl_common import (
     exact_match_summary,
     held_out_exact_match,
     held_out_examples,
+    load_prompts,
     print_summary,
     refuse_settings,
     reward_summary,
@@ -101,12 +100,7 @@ def run_grpo(
 
     # Setup: tokenizer, the template generation uses, then prompts rendered with it and the reward components.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: prompt_texts(config.data))
-    template = resolve_template(config.data.chat_template, tokenizer)
-    config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
-    rd.save_config(config, run_dir)
-    stats = DataStats()
-    prompts = load_rl_prompts(config.data, tokenizer, template, stats)
+    config, tokenizer, prompts, stats = load_prompts(config, run_dir)
     console.print(f"data: {len(prompts):,} prompts ({stats.dropped_too_long:,} over data.max_length_tokens left out), "
                   f"{sum(p.reference is not None for p in prompts):,} with a reference answer")
     grpo = config.grpo

@@ -29,11 +29,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dsft.config import RunConfig
-from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats
-from dsft.data.prompts import RlPrompt, load_rl_prompts, prompt_texts
+from dsft.data.prompts import RlPrompt
 from dsft.errors import DsftError, TrainingDiverged
-from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer, resolve_dtype
+from dsft.models.load import BASE_MODEL_DIR, build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
 from dsft.serve.generate import pad_left
@@ -46,6 +45,7 @@ from dsft.train.rl_common import (
     exact_match_summary,
     held_out_exact_match,
     held_out_examples,
+    load_prompts,
     print_summary,
     refuse_settings,
     reward_summary,
@@ -106,12 +106,7 @@ def run_ppo(
 
     # Setup: tokenizer, the template generation uses, then prompts rendered with it and the reward components.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: prompt_texts(config.data))
-    template = resolve_template(config.data.chat_template, tokenizer)
-    config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
-    rd.save_config(config, run_dir)
-    stats = DataStats()
-    prompts = load_rl_prompts(config.data, tokenizer, template, stats)
+    config, tokenizer, prompts, stats = load_prompts(config, run_dir)
     ppo = config.ppo
     components = build_rewards(ppo.rewards, "ppo.rewards", ppo.sampling.max_new_tokens)
     console.print(f"data: {len(prompts):,} prompts; reward: " + " + ".join(f"{c.weight:g} x {c.name}" for c in components))

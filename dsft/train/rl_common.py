@@ -16,6 +16,24 @@ from dsft.serve.generate import DecodeSettings
 from dsft.train.loop import format_number
 
 
+def load_prompts(config: RunConfig, run_dir: Path):
+    """(config with the resolved chat template, tokenizer, prompts, stats): the tokenizer (trained
+    on the prompts for a preset), the template generation uses, and the prompts rendered with it. Saves the
+    resolved config into run_dir."""
+    from dsft.data.chat import resolve_template
+    from dsft.data.prompts import load_rl_prompts, prompt_texts
+    from dsft.models.load import build_tokenizer
+    from dsft.train import run_dir as rd
+
+    tokenizer = build_tokenizer(config.model, run_dir, lambda: prompt_texts(config.data))
+    template = resolve_template(config.data.chat_template, tokenizer)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
+    rd.save_config(config, run_dir)
+    stats = DataStats()
+    prompts = load_rl_prompts(config.data, tokenizer, template, stats)
+    return config, tokenizer, prompts, stats
+
+
 def refuse_settings(config: RunConfig, stage: str, more: dict[str, bool] | None = None) -> None:
     """Raise DsftError naming the first set key that stage would silently ignore (more: further key -> is set)."""
     train = config.train
