@@ -160,6 +160,17 @@ def load_validated(files: Sequence[str], validate: Callable[[RawRecord], T], on_
     return results
 
 
+def load_splits(data: DataConfig, validate: Callable[[RawRecord], T], stats: DataStats, seed: int) -> tuple[list[T], list[T]]:
+    """(train, validation) validated records: data.train_files (at most data.max_samples), validation from
+    data.validation_files or a seeded data.validation_ratio share of train; on_error as load_validated."""
+    train = load_validated(data.train_files, validate, data.on_error, stats, data.max_samples)
+    if data.validation_files:
+        return train, load_validated(data.validation_files, validate, data.on_error, stats)
+    if data.validation_ratio > 0:
+        return _split_validation(train, data.validation_ratio, seed)
+    return train, []
+
+
 def build_sft_datasets(data: DataConfig, tokenizer, seed: int) -> tuple[list[dict], list[dict], DataStats]:
     """Training and validation sequences, each {"input_ids": [...], "labels": [...]}, and their stats.
 

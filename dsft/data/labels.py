@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
@@ -91,13 +91,7 @@ def build_classify_datasets(data: DataConfig, classify: ClassifyConfig, tokenize
     data.validation_ratio share. The label names cover both splits. Raises DsftError for bad data (see
     to_labelled) or when no training row is left."""
     stats = DataStats()
-    fields = (classify.text_field, classify.label_field, data.on_error, stats)
-    train = load_labelled(data.train_files, *fields, data.max_samples)
-    validation: list[LabelledText] = []
-    if data.validation_files:
-        validation = load_labelled(data.validation_files, *fields)
-    elif data.validation_ratio > 0:
-        train, validation = _split_validation(train, data.validation_ratio, seed)
+    train, validation = load_splits(data, lambda r: to_labelled(r, classify.text_field, classify.label_field), stats, seed)
     labels = label_names([r.label for r in [*train, *validation]])
     label2id = {label: i for i, label in enumerate(labels)}
     train_rows = encode_labelled(train, tokenizer, label2id, data, stats)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data.bio import IGNORE_INDEX, SEPARATORS, align_labels, encode_words, tag_names, validate_bio, validate_words
-from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.labels import label_names, text_of
 from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
@@ -169,12 +169,7 @@ def build_multitask_datasets(data: DataConfig, settings: MultitaskConfig, tokeni
     or a seeded data.validation_ratio share; the label names cover both splits. Raises DsftError for
     bad data (see to_multitask), a head no record labels, or when no training row is left."""
     stats = DataStats()
-    train = load_multitask(data.train_files, settings, data.on_error, stats, data.max_samples)
-    validation: list[MultitaskRecord] = []
-    if data.validation_files:
-        validation = load_multitask(data.validation_files, settings, data.on_error, stats)
-    elif data.validation_ratio > 0:
-        train, validation = _split_validation(train, data.validation_ratio, seed)
+    train, validation = load_splits(data, lambda record: to_multitask(record, settings), stats, seed)
     labels = head_labels(settings.heads, [*train, *validation])
     fields = (settings.heads, labels, tokenizer, settings, data, stats)
     train_rows, validation_rows = encode_multitask(train, *fields), encode_multitask(validation, *fields)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data.chat import render_conversation
-from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
 from dsft.data.preference import PreferencePair, to_pair
@@ -113,12 +113,7 @@ def build_preference_datasets(data: DataConfig, template: str, tokenizer, seed: 
     template that cannot render a pair, or when no training pair is left.
     """
     stats = DataStats()
-    train = load_pairs(data.train_files, data.on_error, stats, data.system_prompt, data.max_samples)
-    validation: list[PreferencePair] = []
-    if data.validation_files:
-        validation = load_pairs(data.validation_files, data.on_error, stats, data.system_prompt)
-    elif data.validation_ratio > 0:
-        train, validation = _split_validation(train, data.validation_ratio, seed)
+    train, validation = load_splits(data, lambda record: to_pair(record, data.system_prompt), stats, seed)
     train_rows = _encode_pairs(train, data, template, tokenizer, stats)
     validation_rows = _encode_pairs(validation, data, template, tokenizer, stats)
     stats.train_examples, stats.validation_examples = len(train_rows), len(validation_rows)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data import bio
-from dsft.data.dataset import DataStats, _split_validation, load_validated
+from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
@@ -76,13 +76,8 @@ def build_token_datasets(data: DataConfig, token_classify: TokenClassifyConfig, 
     data.validation_ratio share; the tag names (class ids, bio.tag_names order) cover both splits.
     Raises DsftError for bad data (see to_tagged) or when no training row is left."""
     stats = DataStats()
-    fields = (token_classify.tokens_field, token_classify.tags_field, data.on_error, stats)
-    train = load_tagged(data.train_files, *fields, data.max_samples)
-    validation: list[TaggedWords] = []
-    if data.validation_files:
-        validation = load_tagged(data.validation_files, *fields)
-    elif data.validation_ratio > 0:
-        train, validation = _split_validation(train, data.validation_ratio, seed)
+    settings = token_classify
+    train, validation = load_splits(data, lambda r: to_tagged(r, settings.tokens_field, settings.tags_field), stats, seed)
     tags = bio.tag_names([r.tags for r in [*train, *validation]])
     tag2id = {tag: i for i, tag in enumerate(tags)}
     encode = (tokenizer, tag2id, token_classify.word_separator, data, stats)
