@@ -62,7 +62,7 @@ def train(
     run_config = load_config(config, set_)  # checked before any process starts
     if topology.launches:
         worker_args = ["train", str(config), *(a for item in set_ for a in ("--set", item)), *(["--resume"] if resume else [])]
-        launch(topology, worker_args, run_config.train.distributed)
+        launch(topology, worker_args, [c.stage for c in run_config.stage_configs or [run_config]])
         return
     from dsft.train.distributed import init_worker
 

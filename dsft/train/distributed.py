@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-from dsft.errors import DsftError
-
 ENGINE_CONFIG_FILE = "distributed.json"
 """In the run directory: the engine, world size and the accelerate / DeepSpeed settings the run trained with."""
 FAIL_RANK_ENV = "DSFT_TEST_FAIL_RANK"
@@ -120,28 +118,39 @@ FSDP2_CONFIG = {"version": 2, "reshard_after_forward": True, "state_dict_type": 
 a full state dict is gathered at save time."""
 
 
-FSDP2_NEEDS_GPU = ("train.distributed: fsdp2 needs CUDA GPUs: accelerate applies FSDP only to GPU processes, and on "
-                   "CPU the run would silently be plain DDP; use ddp (or zero2/zero3 through DeepSpeed) on CPU")
+def enable_fsdp_on_cpu(accelerator, plugin_arguments: dict) -> bool:
+    """Give a CPU (gloo) worker the FSDP2 engine the Trainer asked for; returns True where it did.
 
-
-def check_engine(engine: str) -> None:
-    """Raises DsftError where the engine cannot run here (fsdp2 without CUDA), before any worker starts."""
+    accelerate turns a requested FSDP plugin into DistributedType.FSDP only for accelerator devices (CUDA, XPU, ...)
+    and quietly trains a CPU process as plain DDP. torch's fully_shard itself runs on CPU with gloo, so dsft finishes
+    what AcceleratorState would have done on a GPU, for this process only: the FSDP type, the plugin with the run's
+    mixed precision, and the shared PartialState type (as accelerate writes it). Everything after that is
+    accelerate's own FSDP2 path: fully_shard per decoder layer, sharded optimizer, full state dict on save."""
     import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if engine == "fsdp2" and not torch.cuda.is_available():
-        raise DsftError(FSDP2_NEEDS_GPU)
+    state = accelerator.state
+    if torch.cuda.is_available() or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**plugin_arguments)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
 
 
 def engine_arguments(engine: str, gradient_clipping: float) -> dict:
     """TrainingArguments fields for the engine; none in one process (train.distributed is ignored there).
 
-    Raises DsftError for fsdp2 without CUDA (FSDP2_NEEDS_GPU)."""
+    fsdp2 on CPU workers: see enable_fsdp_on_cpu."""
     if world_size() <= 1:
         return {}
     if engine == "ddp":
         return {"ddp_find_unused_parameters": False}  # every weight in the graph each step (MoE experts are fused)
     if engine == "fsdp2":
-        check_engine(engine)
         return {"fsdp": True, "fsdp_config": dict(FSDP2_CONFIG)}
     return {"deepspeed": deepspeed_config(engine, gradient_clipping)}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsft.errors import DsftError
-from dsft.train.distributed import ERROR_DIR_ENV, check_engine
+from dsft.train.distributed import ERROR_DIR_ENV
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,18 @@ def torchrun_command(topology: Topology, worker_args: list[str]) -> list[str]:
     ]
 
 
-def launch(topology: Topology, worker_args: list[str], engine: str) -> None:
-    """Run this node's workers to the end with train.distributed engine.
+SINGLE_PROCESS_STAGES = ("ppo",)
+"""Stages with dsft's own training loop (no Trainer, so no engine to share the work): one process only."""
 
-    Raises DsftError when the engine cannot run here, or naming the failed rank(s) when any worker fails."""
-    check_engine(engine)
+
+def launch(topology: Topology, worker_args: list[str], stages: list[str]) -> None:
+    """Run this node's workers to the end; stages are the run's training stages, in order.
+
+    Raises DsftError for a stage that runs in one process only, or naming the failed rank(s) when any worker fails."""
+    for stage in stages:
+        if stage in SINGLE_PROCESS_STAGES:
+            raise DsftError(f"stage {stage} runs in one process (its loop has no distributed engine); "
+                            "drop --nproc/--nnodes for it")
     with tempfile.TemporaryDirectory(prefix="dsft-ranks-") as error_dir:
         env = {**os.environ, ERROR_DIR_ENV: error_dir}
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it is not a surprise

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback
 
 from dsft.train import checkpoints as ckpt
 from dsft.train.chunked_loss import chunked_lm_loss
-from dsft.train.distributed import gather_lists, is_main
+from dsft.train.distributed import enable_fsdp_on_cpu, gather_lists, is_main
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -57,6 +57,11 @@ class DsftTrainer(Trainer):
         self.nonfinite_loss_seen = False
         """Set when a micro-batch loss is NaN/inf; the non-finite guard reads and clears it."""
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_id", None)
         if sample_ids is not None and model.training:
@@ -90,7 +95,7 @@ class DsftTrainer(Trainer):
         return loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if _is_peft(model or self.model):
+        if _is_peft(model or self.model) or self.is_fsdp_enabled:  # FSDP: accelerate loads into the shards
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # The Trainer's own loader matches keys literally (strict=False), but save_pretrained writes
         # MoE experts in the per-expert layout of transformers v4, so fused expert weights would be

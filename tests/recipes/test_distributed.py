@@ -16,6 +16,8 @@ from tests.recipes.conftest import make_config, train_losses
 
 FULL_QWEN = {"model": {"preset": "tiny-qwen2"}, "method": {"type": "full"}}
 STEPS = {"max_steps": 4, "save_steps": 2, "batch_size": 8}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install deepspeed)")
 
 
 def _free_port() -> int:
@@ -96,14 +98,28 @@ def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
     assert "rank 1: RuntimeError: failure injected by DSFT_TEST_FAIL_RANK" in result.stderr
 
 
-def test_fsdp2_on_cpu_is_refused_with_the_reason(tmp_path, tiny_data):
-    config = make_config(tmp_path, tiny_data, **FULL_QWEN, train={**STEPS, "distributed": "fsdp2"})
-    result = dsft_train(config, "--nproc", "2")
-    assert result.returncode != 0
-    assert "error: train.distributed: fsdp2 needs CUDA GPUs" in result.stderr  # said before any worker starts
+def test_fsdp2_two_ranks_equal_one_process_and_resume(runs, tmp_path, tiny_data):
+    """FSDP2 on CPU workers (gloo): accelerate's own FSDP2 path, enabled by dsft where accelerate would fall back
+    to DDP (distributed.enable_fsdp_on_cpu)."""
+    run_dir = _run(tmp_path, tiny_data, "fsdp2", "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed="fsdp2")
+    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["fsdp_config"]["version"] == 2
+    # Written only by accelerate's FSDP checkpoint code: the run really was sharded, not DDP.
+    assert (run_dir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
+    assert {p.name for p in run_dir.iterdir()} == {p.name for p in runs["single"].iterdir()}
+    _assert_same_weights(run_dir, runs["ddp"])  # the full state dict gathered from the shards
+    _resume_from_step_2(run_dir, tmp_path / "resumed", "--nproc", "2")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+def test_fsdp2_lora_on_deepseek_moe_equals_one_process(tmp_path, tiny_data):
+    small = {"max_steps": 3, "save_steps": None}
+    single = _run(tmp_path, tiny_data, "single", sections={}, **small)
+    fsdp2 = _run(tmp_path, tiny_data, "fsdp2", "--nproc", "2", sections={}, batch_size=4, distributed="fsdp2", **small)
+    assert train_losses(fsdp2) == pytest.approx(train_losses(single), rel=1e-4)
+    _assert_same_adapter(fsdp2, single)
+
+
+@needs_deepspeed
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_two_ranks_equal_one_process(runs, tmp_path, tiny_data, engine):
     run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine)
@@ -133,7 +149,7 @@ def _resume_from_step_2(run_dir: Path, resumed: Path, *args: str) -> None:
     assert train_losses(resumed) == pytest.approx(train_losses(run_dir), rel=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+@needs_deepspeed
 def test_deepseek_moe_blocks_are_zero3_leaves(monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -149,15 +165,20 @@ def test_deepseek_moe_blocks_are_zero3_leaves(monkeypatch):
     assert len(moe_blocks) == 3 and all(m._z3_leaf for m in moe_blocks)  # the attribute DeepSpeed reads
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)")
+@needs_deepspeed
 def test_deepseek_moe_lora_under_zero3_equals_one_process(tmp_path, tiny_data):
     """LoRA on the tiny DeepSeek-V3 (MoE blocks as ZeRO-3 leaves): same losses, same adapter files and values."""
-    from safetensors.torch import load_file
-
     small = {"max_steps": 3, "save_steps": None}
     single = _run(tmp_path, tiny_data, "single", sections={}, **small)
     zero3 = _run(tmp_path, tiny_data, "zero3", "--nproc", "2", sections={}, batch_size=4, distributed="zero3", **small)
     assert train_losses(zero3) == pytest.approx(train_losses(single), rel=1e-4)
-    adapter, expected = load_file(zero3 / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    _assert_same_adapter(zero3, single)
+
+
+def _assert_same_adapter(run_dir: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    adapter = load_file(run_dir / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
     assert all(adapter[k].allclose(expected[k], rtol=1e-3, atol=1e-3) for k in adapter)

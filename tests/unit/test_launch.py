@@ -6,7 +6,7 @@ import pytest
 
 from dsft.errors import DsftError
 from dsft.train.distributed import deepspeed_config, engine_arguments
-from dsft.train.launch import Topology, torchrun_command
+from dsft.train.launch import Topology, launch, torchrun_command
 
 
 def test_torchrun_command_for_the_second_node():
@@ -23,6 +23,11 @@ def test_a_worker_never_launches_again(monkeypatch):
     assert Topology(2).launches and not Topology(1).launches
     monkeypatch.setenv("RANK", "0")
     assert not Topology(2).launches
+
+
+def test_a_single_process_stage_is_refused_before_any_worker_starts():
+    with pytest.raises(DsftError, match="stage ppo runs in one process"):
+        launch(Topology(2), ["train", "run.yaml"], ["sft", "ppo"])
 
 
 def test_deepspeed_configs():
