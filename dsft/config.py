@@ -71,7 +71,7 @@ def _as_list(value: Any) -> Any:
 class ModelConfig(_Section):
     name_or_path: str | None = None
     """Hugging Face hub id or local directory of a causal LM in HF format; exclusive with preset."""
-    preset: Literal["tiny-deepseek-v3", "tiny-qwen2", "tiny-llama"] | None = None
+    preset: Literal["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-qwen2", "tiny-llama"] | None = None
     """A tiny random-init model built from config, no download: for tests and the quickstart."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; default: the model's own (a preset trains one on the data)."""

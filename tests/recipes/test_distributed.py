@@ -120,15 +120,15 @@ def test_fsdp2_lora_on_deepseek_moe_equals_one_process(tmp_path, tiny_data):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_two_ranks_equal_one_process(runs, tmp_path, tiny_data, engine):
     run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine)
     assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
     assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["deepspeed"]
     assert {p.name for p in run_dir.iterdir()} == {p.name for p in runs["single"].iterdir()}
     _assert_same_weights(run_dir, runs["ddp"])  # gathered from the shards: the model DDP trained
-    if engine == "zero3":  # sharded checkpoint (one optimizer shard per rank), then --resume from it
-        _resume_from_step_2(run_dir, tmp_path / "resumed", "--nproc", "2")
+    # sharded checkpoint (one optimizer shard per rank; offloaded states come back from CPU), then --resume from it
+    _resume_from_step_2(run_dir, tmp_path / "resumed", "--nproc", "2")
 
 
 def _assert_same_weights(run_dir: Path, reference: Path) -> None:
@@ -166,13 +166,17 @@ def test_deepseek_moe_blocks_are_zero3_leaves(monkeypatch):
 
 
 @needs_deepspeed
-def test_deepseek_moe_lora_under_zero3_equals_one_process(tmp_path, tiny_data):
-    """LoRA on the tiny DeepSeek-V3 (MoE blocks as ZeRO-3 leaves): same losses, same adapter files and values."""
-    small = {"max_steps": 3, "save_steps": None}
-    single = _run(tmp_path, tiny_data, "single", sections={}, **small)
-    zero3 = _run(tmp_path, tiny_data, "zero3", "--nproc", "2", sections={}, batch_size=4, distributed="zero3", **small)
-    assert train_losses(zero3) == pytest.approx(train_losses(single), rel=1e-4)
-    _assert_same_adapter(zero3, single)
+@pytest.mark.parametrize(("engine", "preset"), [("zero2", "tiny-deepseek-v3"), ("zero3", "tiny-deepseek-v3"),
+                                               ("zero3", "tiny-deepseek-v2")])
+def test_deepseek_moe_lora_under_deepspeed_equals_one_process(tmp_path, tiny_data, engine, preset):
+    """LoRA on attention, router and routed experts of the tiny DeepSeek-V3 and of the V2-Lite layout (under zero3
+    their MoE blocks are leaves): same losses, same adapter files and values."""
+    small, model = {"max_steps": 3, "save_steps": None}, {"model": {"preset": preset}}
+    single = _run(tmp_path, tiny_data, "single", sections=model, **small)
+    sharded = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=model, batch_size=4, distributed=engine,
+                   **small)
+    assert train_losses(sharded) == pytest.approx(train_losses(single), rel=1e-4)
+    _assert_same_adapter(sharded, single)
 
 
 def _assert_same_adapter(run_dir: Path, reference: Path) -> None:

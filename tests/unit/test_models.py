@@ -37,6 +37,16 @@ def test_tiny_deepseek_v3_is_a_real_mla_moe_model(tokenizer):
     assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
 
 
+def test_tiny_deepseek_v2_has_the_v2_lite_layout(tokenizer):
+    model = build_preset("tiny-deepseek-v2", tokenizer, seed=0, dtype=torch.float32)
+    assert type(model).__name__ == "DeepseekV2ForCausalLM"
+    config = model.config
+    assert config.q_lora_rank is None and config.topk_method == "greedy" and config.n_shared_experts == 2
+    names = {name for name, _ in model.named_parameters()}
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "model.layers.0.self_attn.kv_b_proj.weight" in names
+    assert "model.layers.1.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.experts.gate_up_proj" not in names
+
+
 @pytest.mark.parametrize(("preset", "architecture"), [("tiny-qwen2", "Qwen2ForCausalLM"), ("tiny-llama", "LlamaForCausalLM")])
 def test_dense_presets(tokenizer, preset, architecture):
     model = build_preset(preset, tokenizer, seed=0, dtype=torch.float32)
