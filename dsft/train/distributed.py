@@ -155,6 +155,37 @@ def engine_arguments(engine: str, gradient_clipping: float) -> dict:
     return {"deepspeed": deepspeed_config(engine, gradient_clipping)}
 
 
+def gathered_state_dict(trainer) -> dict:
+    """A sharded engine's full state dict (a collective: every rank calls it; rank 0 gets the tensors), each weight
+    in the dtype a one-process run saves (trainer.model_dtypes).
+
+    Under mixed precision DeepSpeed holds the model in 16 bits (float32 masters live in its optimizer) and FSDP2
+    upcasts trained weights to float32, so without this the same float32 run would save bf16 under zero3 and a bf16
+    run float32 under fsdp2. A float32 weight DeepSpeed trains comes from its master copy, not from 16 bits."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    masters = _fp32_masters(trainer.model, trainer.model_dtypes) if trainer.is_deepspeed_enabled else {}
+    if is_main():
+        for name, dtype in trainer.model_dtypes.items():
+            if name in state_dict:
+                state_dict[name] = masters.get(name, state_dict[name]).to(dtype)
+    return state_dict
+
+
+def _fp32_masters(module, model_dtypes: dict) -> dict:
+    """DeepSpeed's float32 master of each trained float32 weight, on the CPU (under ZeRO-3 each is gathered from
+    every rank, so every rank asks for the same weights in the same order)."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad and model_dtypes.get(name) == torch.float32:
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                masters[name] = full.detach().cpu()
+    return masters
+
+
 def write_engine_config(run_dir: Path, engine: str, arguments: dict, mixed_precision: str) -> None:
     """distributed.json in the run directory (rank 0): what the launcher and the Trainer were given."""
     if not is_main():

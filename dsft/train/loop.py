@@ -26,6 +26,7 @@ from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCall
 from dsft.train.checkpoints import newest_good_checkpoint
 from dsft.train.distributed import (
     engine_arguments,
+    gathered_state_dict,
     is_main,
     main_first,
     mark_moe_leaves,
@@ -220,7 +221,7 @@ def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
     engine's full state dict is gathered on every rank, and rank 0 alone writes."""
     state_dict = None
     if world_size() > 1 and config.train.distributed != "ddp":
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: all ranks
+        state_dict = gathered_state_dict(trainer)  # a collective: all ranks
     with main_first():
         if is_main():
             _save_model(trainer.model, tokenizer, run_dir, config, state_dict)

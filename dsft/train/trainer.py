@@ -48,6 +48,9 @@ class DsftTrainer(Trainer):
     def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None,
                  loss_chunk_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
+        """Each weight's dtype before an engine wraps the model: what a one-process run saves (see
+        distributed.gathered_state_dict)."""
         self.ledger = ledger
         self.loss_chunk_tokens = loss_chunk_tokens
         """Tokens per chunk of the chunked causal-LM loss (train.chunked_loss), or None for the model's own loss."""

@@ -111,6 +111,27 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume(runs, tmp_path, tiny_data)
     _resume_from_step_2(run_dir, tmp_path / "resumed", "--nproc", "2")
 
 
+@pytest.fixture(scope="module")
+def bf16_single(tmp_path_factory, tiny_data) -> Path:
+    return _run(tmp_path_factory.mktemp("bf16"), tiny_data, "single", sections=FULL_QWEN, mixed_precision="bf16",
+                save_steps=None)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("zero3", marks=needs_deepspeed)])
+def test_mixed_precision_passes_through_and_weights_keep_the_model_dtype(bf16_single, tmp_path, tiny_data, engine):
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine,
+                   mixed_precision="bf16", save_steps=None)
+    assert json.loads((run_dir / "distributed.json").read_text())["mixed_precision"] == "bf16"
+    assert train_losses(run_dir) == pytest.approx(train_losses(bf16_single), rel=1e-2)  # bf16 rounds per engine
+    weights = load_file(run_dir / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # the model's dtype, as one process saves it
+    trained = weights["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained.to(torch.bfloat16).float(), trained)  # float32 masters, not 16-bit copies
+
+
 def test_fsdp2_lora_on_deepseek_moe_equals_one_process(tmp_path, tiny_data):
     small = {"max_steps": 3, "save_steps": None}
     single = _run(tmp_path, tiny_data, "single", sections={}, **small)
