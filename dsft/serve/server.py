@@ -9,6 +9,7 @@ responses, builds the app and runs it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -100,7 +101,7 @@ def _add_routes(app: FastAPI, state: App) -> None:
         pieces = state.start(call)
         if call.stream:
             return _event_stream(state, call, pieces, _chat_chunks(call, pieces))
-        reasoning, answer = split_reply(await _joined(pieces), call.opens_thinking)
+        reasoning, answer = split_reply(await _joined(state, request, call, pieces), call.opens_thinking)
         body = chat_completion_body(call.request_id, call.served.name, chat_message(reasoning, answer),
                                     call.finish_reason, state.usage(call))
         state.finished(call, 200)
@@ -112,13 +113,40 @@ def _add_routes(app: FastAPI, state: App) -> None:
         pieces = state.start(call)
         if call.stream:
             return _event_stream(state, call, pieces, _completion_chunks(call, pieces))
-        body = completion_body(call.request_id, call.served.name, await _joined(pieces), call.finish_reason,
-                               state.usage(call))
+        body = completion_body(call.request_id, call.served.name, await _joined(state, request, call, pieces),
+                               call.finish_reason, state.usage(call))
         state.finished(call, 200)
         return JSONResponse(body, headers=state.headers(call))
 
 
-async def _joined(pieces: AsyncIterator[str]) -> str:
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streamed request checks that its client is still connected while the reply generates."""
+CLIENT_CLOSED_STATUS = 499
+"""Logged and counted for a request whose client left before its reply (nginx's convention; nobody receives it)."""
+
+
+class ClientLeft(Exception):
+    """The client of a non-streamed request closed its connection before the reply was ready."""
+
+
+async def _joined(state: App, request: Request, call: Call, pieces: AsyncIterator[str]) -> str:
+    """The whole reply text. The server does not otherwise notice a non-streamed client that leaves (nothing is
+    written until the end), so the connection is watched meanwhile: when it closes, the generation is cancelled
+    (pieces' finally frees the batch row) and ClientLeft is raised."""
+    joining = asyncio.ensure_future(_join(pieces))
+    while not joining.done():
+        await asyncio.wait([joining], timeout=DISCONNECT_POLL_S)
+        if not joining.done() and await request.is_disconnected():
+            joining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await joining
+            state.metrics.errors.labels("client_disconnected").inc()
+            state.finished(call, CLIENT_CLOSED_STATUS)
+            raise ClientLeft
+    return joining.result()
+
+
+async def _join(pieces: AsyncIterator[str]) -> str:
     return "".join([piece async for piece in pieces])
 
 
@@ -178,6 +206,10 @@ def _add_error_handlers(app: FastAPI, state: App) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return state.error_response(request, error)
+
+    @app.exception_handler(ClientLeft)
+    async def client_left(request: Request, error: ClientLeft) -> Response:
+        return Response(status_code=CLIENT_CLOSED_STATUS)  # counted in _joined; nobody is there to read it
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

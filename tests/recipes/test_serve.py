@@ -266,6 +266,7 @@ class StandIn:
 
     def __init__(self, script=None, full: bool = False):
         self.script, self.full = script, full
+        self.jobs = []
 
     def start(self):
         pass
@@ -277,6 +278,7 @@ class StandIn:
         return 0
 
     def submit(self, job):
+        self.jobs.append(job)
         if self.full:
             raise QueueFull
         for event in self.script or []:
@@ -301,6 +303,20 @@ def test_timeout_queue_full_and_failed_generation_are_openai_errors(served_a):
                 events = post(url, "/v1/chat/completions", {**body, "stream": True}).text
                 assert '"error"' in events and events.rstrip().endswith("data: [DONE]")
             assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_leaves_a_plain_request_cancels_its_generation(served_a):
+    engine = StandIn()  # never answers: the generation runs until cancelled
+    with serve_in_thread(create_app(served_a, load_serve_config(None), engine=engine)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=chat_body(model="run", max_tokens=4), timeout=0.5)
+        for _ in range(40):  # the server polls the connection every DISCONNECT_POLL_S
+            if engine.jobs[0].cancelled.is_set():
+                break
+            threading.Event().wait(0.1)
+        assert engine.jobs[0].cancelled.is_set()
+        assert metric(url, "dsft_serve_errors_total", kind="client_disconnected") == 1
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_reasoning_goes_in_reasoning_content_plain_and_streamed(served_a):
