@@ -43,29 +43,9 @@ _DEEPSEEK_V3 = dict(
     tie_word_embeddings=False,
 )
 
-_DEEPSEEK_V2_LITE = dict(  # DeepSeek-V2-Lite's layout, scaled down: no query low-rank, greedy top-k of 8 experts
-    hidden_size=128,
-    intermediate_size=256,
-    moe_intermediate_size=64,
-    num_hidden_layers=4,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=2,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    topk_method="greedy",
-    n_group=1,
-    topk_group=1,
-    norm_topk_prob=False,
-    q_lora_rank=None,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+# DeepSeek-V2-Lite's layout at the same small size: no query low-rank, two shared experts, greedy top-k routing.
+_DEEPSEEK_V2_LITE = {**_DEEPSEEK_V3, "n_shared_experts": 2, "q_lora_rank": None, "topk_method": "greedy",
+                     "norm_topk_prob": False}
 PRESETS = ("tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-qwen2", "tiny-llama")
 
 
