@@ -3,7 +3,7 @@
 
 The backbone is any causal LM with transformers' *ForTokenClassification head ("score" on every
 token). Each word is encoded on its own and its first token carries its tag (dsft.data.bio); the
-model's own loss is cross entropy over those first tokens. The loop, callbacks, checkpoints and
+loss is cross entropy over those first tokens, averaged over the whole optimizer step. The loop, callbacks, checkpoints and
 saving are the shared ones (dsft.train.loop); this stage adds the tag mapping and span-level
 metrics (seqeval) at each evaluation, in summary.json and in ner_report.json / ner_report.md.
 
@@ -91,10 +91,11 @@ def run_token_classify(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
-    # Train with the model's own loss: cross entropy over first tokens, IGNORE_INDEX elsewhere and on padding.
+    # Train: cross entropy over first tokens, IGNORE_INDEX elsewhere and on padding.
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
         data_collator=DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX),
+        compute_loss_func=token_classification_loss,
         compute_metrics=_Metrics(tags),
         preprocess_logits_for_metrics=_predicted_ids,
     )
@@ -119,6 +120,23 @@ def run_token_classify(
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
     return TokenClassifyResult(run_dir, summary, trainer.model, tokenizer, tags)
+
+
+def token_classification_loss(outputs, labels_BT, num_items_in_batch=None):
+    """The Trainer's compute_loss_func: cross entropy summed over the tagged tokens (IGNORE_INDEX elsewhere) and
+    divided by num_items_in_batch, the tagged tokens of the whole optimizer step over every rank and accumulation
+    step; without it, by this batch's tagged tokens (the model's own mean).
+
+    Not the model's own loss: that is this batch's mean, yet its forward takes keyword arguments, so the Trainer
+    takes it for one already divided by the step's tokens and neither divides it by the accumulation steps nor
+    undoes its multiplication by the world size (measured: twice the loss with grad_accum_steps 2 or 2 ranks)."""
+    import torch.nn.functional as F
+
+    logits_NC = outputs.logits.float().flatten(0, -2)  # as the model's own loss, in float32
+    labels_N = labels_BT.reshape(-1).to(logits_NC.device)
+    summed = F.cross_entropy(logits_NC, labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+    items = (labels_N != IGNORE_INDEX).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return summed / items
 
 
 def _predicted_ids(logits, labels):

@@ -1,6 +1,6 @@
 """The transformers Trainer, extended where it offers hooks: atomic checkpoints, a sample ledger, loss checks.
 
-`compute_loss` and `training_step` are the documented places to customise a Trainer; checkpoint
+`compute_loss`, `training_step` and `get_train_dataloader` are the documented places to customise a Trainer; checkpoint
 saving has no public hook, so `_save_checkpoint` is wrapped (not rewritten): the Trainer writes
 into a staging directory and dsft publishes the result (see checkpoints.py).
 """
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from dsft.data.batches import EpochBatchSampler
+from dsft.errors import DsftError
 from dsft.train import checkpoints as ckpt
 from dsft.train.chunked_loss import chunked_lm_loss
 from dsft.train.distributed import enable_fsdp_on_cpu, gather_lists, is_main
@@ -46,8 +48,11 @@ class DsftTrainer(Trainer):
     """Trainer with staged, manifested checkpoints, a sample ledger and a non-finite loss flag."""
 
     def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None,
-                 loss_chunk_tokens: int | None = None, **kwargs):
+                 loss_chunk_tokens: int | None = None, whole_epochs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.whole_epochs = whole_epochs
+        """Under several processes, deal each epoch's samples over the ranks exactly once (data.batches) instead of
+        accelerate's even batches, which repeat samples from the epoch's start to fill a short last step."""
         self.model_dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
         """Each weight's dtype before an engine wraps the model: what a one-process run saves (see
         distributed.gathered_state_dict)."""
@@ -64,6 +69,12 @@ class DsftTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
             self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self.whole_epochs and self.accelerator.num_processes > 1:
+            deal_whole_epochs(loader, self.args.gradient_accumulation_steps)
+        return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_id", None)
@@ -148,6 +159,34 @@ class DsftTrainer(Trainer):
         self.state.best_model_checkpoint = str(best)
         self.state.save_to_json(str(staged / "trainer_state.json"))
         return best
+
+
+def deal_whole_epochs(loader, grad_accum_steps: int) -> None:
+    """Make accelerate's shard of a multi-process training loader deal whole epochs: the fixed-size batch sampler
+    inside its BatchSamplerShard becomes an EpochBatchSampler over the same (shuffled, seeded) sampler, so a
+    one-process run with batch B x world_size and this run train on the same samples in every step.
+
+    Loss over uneven micro-batches: the causal-LM loss (sft) and the compute_loss_func of classification and token
+    classification divide by the items of the whole step, summed over ranks (num_items_in_batch with
+    average_tokens_across_devices), so a micro-batch's size changes no sample's weight. Remaining bias: with class
+    weights, a classification micro-batch's weighted mean counts by its share of the step's samples, not of the
+    step's class weight (as under accumulation in one process); MultitaskModel's per-head losses are means per
+    micro-batch (accepts_loss_kwargs False), each micro-batch weighing alike, so in the short (or folded) step of an
+    epoch that does not divide, a sample counts 1/b in a micro-batch of b and 1/(b + 1) in one of b + 1 -- as those
+    means already weigh unequal numbers of labelled items per micro-batch.
+
+    Raises DsftError when the loader is not the shape accelerate builds for a map-style dataset (it would repeat
+    samples) or the data cannot fill one optimizer step (see data.batches.micro_batch_sizes)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    shard = getattr(loader, "batch_sampler", None)
+    if not isinstance(shard, BatchSamplerShard) or shard.split_batches or type(shard.batch_sampler) is not BatchSampler:
+        raise DsftError(f"cannot shard the training data per rank: accelerate gave {type(shard).__name__}, "
+                        "expected a BatchSamplerShard over a BatchSampler (a map-style dataset)")
+    fixed = shard.batch_sampler
+    shard.batch_sampler = EpochBatchSampler(fixed.sampler, fixed.batch_size, shard.num_processes, grad_accum_steps)
+    shard.batch_size = None  # BatchSamplerShard copied it from the sampler it was given; see EpochBatchSampler
 
 
 def _is_peft(model) -> bool:

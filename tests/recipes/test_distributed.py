@@ -91,6 +91,21 @@ def test_ddp_lora_adapter_loads_in_peft(tmp_path, tiny_data):
     assert model.peft_config["default"].r == 8
 
 
+def test_an_epoch_that_does_not_divide_trains_each_sample_once_across_ranks(tmp_path, tiny_data):
+    """14 samples, 2 ranks x batch 2 x 2 accumulation steps (8 a step): each epoch is a full step and a step whose
+    6 samples fill 4 micro-batches of 2, 2, 1, 1 (data.batches), where accelerate's even batches trained 2 samples
+    twice. The steps equal one process with batch 4 x 2 accumulation steps (8, then 6 samples)."""
+    small = {"max_steps": 4, "save_steps": None, "grad_accum_steps": 2}  # 2 epochs
+    sections = {**FULL_QWEN, "data": {"max_samples": 14}}
+    single = _run(tmp_path, tiny_data, "single", sections=sections, batch_size=4, **small)
+    ddp = _run(tmp_path, tiny_data, "ddp", "--nproc", "2", sections=sections, batch_size=2, **small)
+    assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-4)
+    ledger = [json.loads(line)["sample_ids"] for line in (ddp / "samples.jsonl").read_text().splitlines()]
+    assert [len(ids) for ids in ledger] == [8, 6, 8, 6]
+    for epoch in (ledger[:2], ledger[2:]):
+        assert sorted(i for ids in epoch for i in ids) == list(range(14))
+
+
 def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
     config = make_config(tmp_path, tiny_data, **FULL_QWEN, train=STEPS)
     result = dsft_train(config, "--nproc", "2", env={"DSFT_TEST_FAIL_RANK": "1"})

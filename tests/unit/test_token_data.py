@@ -14,7 +14,7 @@ from dsft.data.read import RawRecord
 from dsft.data.tokens import build_token_datasets, load_tagged, training_texts, words_to_predict
 from dsft.errors import DsftError
 from dsft.eval.ner import entity_spans, ner_report, report_markdown
-from dsft.train.token_classify import word_tags
+from dsft.train.token_classify import token_classification_loss, word_tags
 
 GOOD = [{"tokens": ["Alice", "lives", "in", "New", "York"], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC"]},
         {"tokens": ["Bruno", "Novak", "works"], "tags": ["B-PER", "I-PER", "O"]}]
@@ -123,3 +123,22 @@ def test_word_tags_read_the_labelled_tokens_of_padded_batches():
     references, predictions = word_tags(predicted_ids_BT, label_ids_BT, tags)
     assert references == [["B-PER", "O", "B-LOC"], ["B-LOC", "I-LOC"]]
     assert predictions == [["B-PER", "O", "O"], ["B-LOC", "I-LOC"]]
+
+
+def test_token_loss_divides_by_the_tagged_tokens_of_the_whole_step():
+    """Alone: the mean over tagged tokens (the model's own loss). Micro-batches of a step, each divided by the step's
+    tagged tokens, sum to the mean over the whole step, whatever each one holds."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import TokenClassifierOutput
+
+    logits_BTC = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    labels_BT = torch.tensor([[1, -100, 2, 0], [4, 4, -100, -100], [-100, -100, -100, 3]])
+    whole = F.cross_entropy(logits_BTC.reshape(-1, 5), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(token_classification_loss(TokenClassifierOutput(logits=logits_BTC), labels_BT), whole)
+    tagged = torch.tensor(6)  # 3 + 2 + 1 tagged tokens in the step
+    parts = [token_classification_loss(TokenClassifierOutput(logits=logits_BTC[rows]), labels_BT[rows], tagged)
+             for rows in (slice(0, 1), slice(1, 3))]
+    assert torch.allclose(sum(parts), whole)
+    no_tags = torch.full((1, 4), IGNORE_INDEX)
+    assert token_classification_loss(TokenClassifierOutput(logits=logits_BTC[:1]), no_tags).item() == 0.0
