@@ -237,7 +237,8 @@ class TrainConfig(_Section):
     tensorboard: bool = True
     """Write TensorBoard event files under the run directory."""
     packing: bool = False
-    """Padding-free packing: samples grouped best-fit into rows of pack_tokens, attention kept within each sample."""
+    """Padding-free packing: samples grouped best-fit into rows of pack_tokens, attention kept within each sample
+    (stage dpo: each batch of pairs packed into one row, pack_tokens unused; stage reward: refused)."""
     pack_tokens: int | None = Field(None, ge=8)
     """Token budget of one packed row; default batch_size x data.max_length_tokens (a row replaces a padded batch)."""
     nonfinite: Literal["stop", "skip"] = "stop"

@@ -52,6 +52,7 @@ from dsft.train.loop import (
     save_model,
     train_guarded,
 )
+from dsft.train.packed_pairs import pack_trainer_forwards
 from dsft.train.trl_stage import (
     DsftTrlTrainer,
     WithSampleIds,
@@ -141,6 +142,7 @@ def run_dpo(
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
+    summary["packing"] = config.train.packing
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
     return DpoResult(run_dir, summary, trainer.model, tokenizer)
@@ -197,11 +199,16 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     try:
         trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation,
                                         console, collator, trainer_class=PreferenceTrainer, args=args,
-                                        ref_model=reference, peft_config=peft_config)
+                                        ref_model=reference, peft_config=peft_config, pack_rows=False)
     except ValueError as exc:
         if peft_config is None or "target" not in str(exc).lower():
             raise
         raise DsftError(f"method.lora.target_modules: {str(exc).splitlines()[0]}") from None
+    if config.train.packing:
+        # TRL's DPOConfig.padding_free is switched off in TRL 1.16: each batch is packed under TRL's loss instead.
+        pack_trainer_forwards(trainer)
+        console.print(f"packing: each batch of {config.train.batch_size} pairs runs as one row of its chosen and "
+                      "rejected sequences, no padding")
     guards.progress.status_keys = {"rewards/margins": "margin", "rewards/accuracies": "acc"}
     return trainer, guards
 

@@ -112,11 +112,14 @@ class Guards:
 
 
 def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
-                   data_collator, first_callbacks=(), trainer_class=DsftTrainer, args=None, **trainer_kwargs):
+                   data_collator, first_callbacks=(), trainer_class=DsftTrainer, args=None, pack_rows=True,
+                   **trainer_kwargs):
     """DsftTrainer with dsft's callbacks and guards, for any stage; trainer_kwargs e.g. compute_loss_func, compute_metrics.
 
     first_callbacks run before dsft's own, so what they add to a log record reaches metrics.jsonl. trainer_class is a
-    DsftTrainer subclass (e.g. one mixed with a TRL trainer), args its arguments; default training_arguments(...)."""
+    DsftTrainer subclass (e.g. one mixed with a TRL trainer), args its arguments; default training_arguments(...).
+    With train.packing and pack_rows, the training rows are grouped into packed rows here (a stage that packs each
+    batch itself, as DPO does, passes pack_rows=False)."""
     from transformers import (
         EarlyStoppingCallback,
         PrinterCallback,
@@ -140,7 +143,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     leaves = mark_moe_leaves(model, train.distributed)
     if leaves:
         console.print(f"ZeRO-3: MoE blocks fetched whole ({', '.join(leaves)})")
-    if train.packing:
+    if train.packing and pack_rows:
         pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
         train_rows = packed_rows(train_rows, pack_tokens)
         args.per_device_train_batch_size = 1  # one packed row holds what a padded batch held

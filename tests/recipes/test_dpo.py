@@ -1,6 +1,7 @@
 """DPO end to end on tiny models: the reward margin and accuracy rise on a planted preference; LoRA leaves the base
 weights bit-identical and the run loads in plain PEFT; full fine-tuning resumes from its checkpoint and loads in
-plain transformers; a bad preference record stops the real CLI with file:line."""
+plain transformers; a packed run logs the padded run's losses and margins; a bad preference record stops the real CLI
+with file:line."""
 
 import json
 import sys
@@ -127,6 +128,25 @@ def test_lora_run_start_and_settings_the_stage_would_ignore_are_refused(tmp_path
     (lora_sft / "adapter_config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(DsftError, match="holds a LoRA adapter, not full weights; .* merge the adapter first"):
         run_dpo(load_config(dpo_config(tmp_path, preference_files, model={"name_or_path": str(lora_sft)})))
-    with pytest.raises(DsftError, match="train.packing is not supported by stage dpo"):
-        run_dpo(load_config(dpo_config(tmp_path, preference_files, train={"packing": True})))
+    with pytest.raises(DsftError, match="train.pack_tokens is not supported by stage dpo"):
+        run_dpo(load_config(dpo_config(tmp_path, preference_files, train={"packing": True, "pack_tokens": 64})))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_packed_dpo_logs_the_padded_runs_losses_and_margins(tmp_path, preference_files):
+    """train.packing through the real CLI: each batch of pairs runs as one row, and every logged loss and reward
+    margin equals the padded run's (tests/unit/test_packed_pairs.py checks one step's gradients)."""
+    logs = {}
+    for packing in (False, True):
+        (tmp_path / f"packing_{packing}").mkdir()
+        path = dpo_config(tmp_path / f"packing_{packing}", preference_files, model={"preset": "tiny-qwen2"},
+                          method={"type": "full"}, data={"validation_files": []},
+                          train={"max_steps": 3, "logging_steps": 1, "learning_rate": 1e-3, "packing": packing})
+        result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert ("packing: each batch of 8 pairs runs as one row" in result.output) == packing
+        run_dir = tmp_path / f"packing_{packing}" / "run"
+        assert json.loads((run_dir / "summary.json").read_text())["packing"] == packing
+        logs[packing] = [(r["loss"], r["rewards/margins"]) for r in read_metrics(run_dir) if "rewards/margins" in r]
+    assert len(logs[True]) == 3
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)
