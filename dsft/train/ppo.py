@@ -12,7 +12,8 @@ the value head a linear layer on its last hidden state (dsft/models/value_head.p
 with its LoRA adapter disabled or, for full and freeze, a frozen copy of the starting weights. Prompts are
 rendered exactly as SFT and `dsft generate` render them. The math lives in rl_math.py, the rewards in
 rewards.py; this file holds the order of things. Every logged step is one line of metrics.jsonl (and TensorBoard
-scalars); there are no intermediate checkpoints (a stopped run starts again).
+scalars). With train.save_steps, every save_steps-th step writes checkpoints/checkpoint-N (ppo_checkpoints.py),
+and --resume continues from the newest sound one on the same trajectory (weights, optimizer, sampler and RNG).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dsft.config import RunConfig
 from dsft.data.dataset import DataStats
 from dsft.data.prompts import RlPrompt
-from dsft.errors import DsftError, TrainingDiverged
+from dsft.errors import TrainingDiverged, TrainingInterrupted
 from dsft.models.load import BASE_MODEL_DIR, build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
@@ -39,7 +40,9 @@ from dsft.serve.generate import pad_left
 from dsft.train import rl_math
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback
-from dsft.train.loop import data_fingerprints, save_model
+from dsft.train.guards import StopOnSignal
+from dsft.train.loop import checkpoint_to_resume, data_fingerprints, save_model
+from dsft.train.ppo_checkpoints import load_ppo_checkpoint, save_ppo_checkpoint
 from dsft.train.rewards import Completions, RewardComponent, Rewards, build_rewards, score
 from dsft.train.rl_common import (
     exact_match_summary,
@@ -88,7 +91,7 @@ def run_ppo(
 ) -> PpoResult:
     """Train the policy with PPO as the config says and write the run directory.
 
-    Raises DsftError for bad input and for --resume (stage ppo writes no checkpoints), TrainingDiverged on a
+    Raises DsftError for bad input and for --resume without a sound checkpoint, TrainingDiverged on a
     non-finite loss (before the update is applied).
     """
     from transformers import set_seed
@@ -97,12 +100,10 @@ def run_ppo(
     console = console or Console(soft_wrap=True)
     hf_logging.disable_progress_bar()
     started_s = time.perf_counter()
-    if resume:
-        raise DsftError("stage ppo writes no checkpoints to resume from; start the run again without --resume")
-    refuse_settings(config, "ppo", {"train.save_steps": config.train.save_steps is not None,
-                                    "train.eval_steps": config.train.eval_steps is not None})
-    run_dir = rd.prepare_run_dir(config.output, resume=False)
+    refuse_settings(config, "ppo", {"train.eval_steps": config.train.eval_steps is not None})
+    run_dir = rd.prepare_run_dir(config.output, resume=resume)
     console.print(f"run directory: {run_dir}")
+    checkpoint = checkpoint_to_resume(run_dir, console) if resume else None  # also cuts metrics.jsonl back
 
     # Setup: tokenizer, the template generation uses, then prompts rendered with it and the reward components.
     set_seed(config.train.seed)
@@ -133,7 +134,7 @@ def run_ppo(
     # Train: rollout -> rewards -> GAE -> ppo_epochs of minibatch updates -> log.
     metrics = MetricsCallback(run_dir)
     records = _train(config, run_dir, policy, reference, value_head, optimizer, scheduler, tokenizer, prompts,
-                     components, steps, metrics.write, console)
+                     components, steps, metrics.write, console, checkpoint, resume_command)
 
     # Save: adapter or full model (as every stage saves it), the value head, tokenizer, then the numbers.
     save_model(SimpleNamespace(model=policy), tokenizer, run_dir, config)  # save_model needs only the trainer's model
@@ -147,28 +148,47 @@ def run_ppo(
 
 
 def _train(config, run_dir, policy, reference, value_head, optimizer, scheduler, tokenizer, prompts, components,
-           steps, write, console) -> list[dict]:
-    """The PPO steps; returns the logged records (also written to metrics.jsonl through write)."""
+           steps, write, console, checkpoint: Path | None = None, resume_command: str = "") -> list[dict]:
+    """The PPO steps after the checkpoint's (all of them without one); returns the records of every step
+    (also written to metrics.jsonl through write) and writes a checkpoint every train.save_steps steps.
+
+    SIGTERM / SIGINT finish the current step, save a checkpoint and raise TrainingInterrupted (with the
+    resume command); a second signal aborts at once."""
     sampler = _PromptSampler(prompts, config.ppo.rollout_batch_size, config.train.seed)
+    done_steps, records = 0, []
+    if checkpoint is not None:  # restored last, after setup, so RNG is exactly where the first run left it
+        done_steps, records = load_ppo_checkpoint(checkpoint, policy, value_head, optimizer, scheduler, sampler)
+    save_steps = config.train.save_steps
     progress = Progress(TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     writer = tensorboard_writer(run_dir) if config.train.tensorboard else None
-    records = []
-    with progress:
-        task = progress.add_task("ppo", total=steps, status="")
-        for step in range(1, steps + 1):
-            step_started_s = time.perf_counter()
-            rollout = collect_rollout(policy, reference, value_head, tokenizer, sampler.next_batch(), components, config)
-            update = ppo_update(policy, value_head, optimizer, scheduler, rollout, config, step)
-            record = _record(step, rollout, update, scheduler.get_last_lr()[0], time.perf_counter() - step_started_s)
-            records.append(record)
-            if step % config.train.logging_steps == 0 or step == steps:
-                write(record)
-                _add_scalars(writer, record)
-            progress.update(task, completed=step, status=f"reward {record['reward']:.3f}  kl {record['kl']:.4f}  "
-                                                         f"value loss {record['value_loss']:.4f}")
-    if writer is not None:
-        writer.close()
+    stop = StopOnSignal()
+    stop.on_train_begin(None, None, None)  # the Trainer callback's handlers, used here without a Trainer
+    try:
+        with progress:
+            task = progress.add_task("ppo", total=steps, completed=done_steps, status="")
+            for step in range(done_steps + 1, steps + 1):
+                step_started_s = time.perf_counter()
+                rollout = collect_rollout(policy, reference, value_head, tokenizer, sampler.next_batch(), components, config)
+                update = ppo_update(policy, value_head, optimizer, scheduler, rollout, config, step)
+                record = _record(step, rollout, update, scheduler.get_last_lr()[0], time.perf_counter() - step_started_s)
+                records.append(record)
+                if step % config.train.logging_steps == 0 or step == steps:
+                    write(record)
+                    _add_scalars(writer, record)
+                signalled = stop.signal_name is not None
+                if signalled or (save_steps is not None and step % save_steps == 0):
+                    saved = save_ppo_checkpoint(run_dir, step, policy, value_head, optimizer, scheduler, sampler,
+                                                records, config.train.keep_last_checkpoints)
+                if signalled:
+                    raise TrainingInterrupted(f"stopped by {stop.signal_name} at step {step}; checkpoint saved in "
+                                              f"{saved}. Resume with: {resume_command}")
+                progress.update(task, completed=step, status=f"reward {record['reward']:.3f}  kl {record['kl']:.4f}  "
+                                                             f"value loss {record['value_loss']:.4f}")
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
     return records
 
 

@@ -1,9 +1,12 @@
 """PPO end to end on a tiny model: finite losses, the value loss falls, the mean reward rises; on a fixed rollout
 the losses are those rl_math computes; LoRA's reference is the adapter-disabled model; accumulated micro-batches
-equal one larger batch."""
+equal one larger batch; a run resumed from a checkpoint (save_steps or SIGTERM) logs what the uninterrupted one did."""
 
 import json
 import math
+import os
+import shutil
+import signal
 
 import pytest
 import torch
@@ -13,9 +16,11 @@ from dsft.cli import app
 from dsft.config import load_config
 from dsft.data.dataset import DataStats
 from dsft.data.prompts import load_rl_prompts
+from dsft.errors import TrainingInterrupted
 from dsft.models.load import load_run
 from dsft.models.value_head import VALUE_HEAD_FILE
 from dsft.train import rl_math
+from dsft.train.callbacks import MetricsCallback
 from dsft.train.ppo import collect_rollout, ppo_losses, run_ppo
 from dsft.train.rewards import build_rewards
 
@@ -101,3 +106,70 @@ def test_accumulating_micro_batches_equals_one_larger_batch(tmp_path, start):
         records[batch_size] = read_metrics(run_ppo(load_config(path)).run_dir)[0]
     for key in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm", "reward"):
         assert records[8][key] == pytest.approx(records[16][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("method", [{"type": "full"}, {"type": "lora", "lora": {"r": 8, "alpha": 16}}])
+def test_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path, start, method):
+    """4 steps with a checkpoint every 2; a copy without checkpoint-4 resumed (the real CLI) logs steps 3 and 4
+    as the uninterrupted run did: same sampled tokens (rewards), losses and learning rates."""
+    sections = {"ppo": {**PPO, "rollout_batch_size": 8}, "method": method,
+                "train": {"max_steps": 4, "batch_size": 4, "save_steps": 2, "lr_scheduler": "linear"}}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "resumed").mkdir()
+    first = CliRunner().invoke(app, ["train", str(rl_config(tmp_path / "first", *start, "ppo", **sections))],
+                               catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    run_dir = tmp_path / "first" / "run"
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    weights = "adapter_model.safetensors" if method["type"] == "lora" else "model.safetensors"
+    assert {p.name for p in checkpoint.iterdir()} >= {weights, VALUE_HEAD_FILE, "manifest.json", "optimizer.pt",
+                                                      "rng_state.pt", "trainer_state.json"}
+    assert not list(checkpoint.glob("*.bin")) and not list(checkpoint.glob("*.pkl"))
+
+    resumed_dir = tmp_path / "resumed" / "run"
+    shutil.copytree(run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "checkpoint-4")
+    path = rl_config(tmp_path / "resumed", *start, "ppo", **sections)
+    resumed = CliRunner().invoke(app, ["train", str(path), "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and "checkpoint-2" in resumed.output
+
+    expected, got = read_metrics(run_dir), read_metrics(resumed_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # no duplicate lines for the steps after the checkpoint
+    for want, have in zip(expected, got):
+        for key, value in want.items():
+            if key not in ("time", "step_time_s"):
+                assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (want["step"], key)
+    summary = json.loads((resumed_dir / "summary.json").read_text())
+    assert summary["steps"] == 4
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_the_same_run(tmp_path, start, monkeypatch):
+    """SIGTERM during step 2 (no save_steps): the step finishes, checkpoint-2 is written, the run stops with the
+    resume command; --resume then logs steps 3 and 4 as the uninterrupted run did."""
+    sections = {"ppo": {**PPO, "rollout_batch_size": 8}, "train": {"max_steps": 4, "batch_size": 4}}
+    for name in ("first", "stopped"):
+        (tmp_path / name).mkdir()
+    first = CliRunner().invoke(app, ["train", str(rl_config(tmp_path / "first", *start, "ppo", **sections))])
+    assert first.exit_code == 0, first.output
+    path = rl_config(tmp_path / "stopped", *start, "ppo", **sections)
+    original_write = MetricsCallback.write
+
+    def write_then_signal(self, record):
+        original_write(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 2 still runs (before its checkpoint check)
+
+    monkeypatch.setattr(MetricsCallback, "write", write_then_signal)
+    stopped = CliRunner().invoke(app, ["train", str(path)])
+    message = str(stopped.exception)
+    assert isinstance(stopped.exception, TrainingInterrupted), stopped.output
+    assert "stopped by SIGTERM at step 2" in message and message.endswith("--resume")
+    monkeypatch.setattr(MetricsCallback, "write", original_write)
+    resumed = CliRunner().invoke(app, ["train", str(path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    expected, got = read_metrics(tmp_path / "first" / "run"), read_metrics(tmp_path / "stopped" / "run")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for want, have in zip(expected[2:], got[2:]):
+        for key in ("loss", "reward", "value_loss", "kl", "learning_rate"):
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
