@@ -169,9 +169,11 @@ def _train(config, run_dir, policy, reference, value_head, optimizer, scheduler,
             task = progress.add_task("ppo", total=steps, completed=done_steps, status="")
             for step in range(done_steps + 1, steps + 1):
                 step_started_s = time.perf_counter()
-                rollout = collect_rollout(policy, reference, value_head, tokenizer, sampler.next_batch(), components, config)
+                batch = sampler.next_batch()
+                rollout = collect_rollout(policy, reference, value_head, tokenizer, batch, components, config)
                 update = ppo_update(policy, value_head, optimizer, scheduler, rollout, config, step)
-                record = _record(step, rollout, update, scheduler.get_last_lr()[0], time.perf_counter() - step_started_s)
+                step_time_s = time.perf_counter() - step_started_s
+                record = _record(step, rollout, update, scheduler.get_last_lr()[0], step_time_s)
                 records.append(record)
                 if step % config.train.logging_steps == 0 or step == steps:
                     write(record)

@@ -12,7 +12,8 @@ def test_rng_state_round_trip_draws_the_same_numbers(tmp_path):
     sampler = torch.Generator().manual_seed(3)
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     torch.save(rng_state(sampler), tmp_path / "rng.pt")
-    expected = (torch.rand(3).tolist(), random.random(), np.random.rand(), torch.randperm(5, generator=sampler).tolist())
+    expected = (torch.rand(3).tolist(), random.random(), np.random.rand(),
+                torch.randperm(5, generator=sampler).tolist())
     torch.manual_seed(9), random.seed(9), np.random.seed(9)
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), sampler)
     got = (torch.rand(3).tolist(), random.random(), np.random.rand(), torch.randperm(5, generator=sampler).tolist())
