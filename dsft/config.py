@@ -237,10 +237,11 @@ class TrainConfig(_Section):
     tensorboard: bool = True
     """Write TensorBoard event files under the run directory."""
     packing: bool = False
-    """Padding-free packing: samples grouped best-fit into rows of pack_tokens, attention kept within each sample
-    (stage dpo: each batch of pairs packed into one row, pack_tokens unused; stage reward: refused)."""
+    """Padding-free packing, attention kept within each sample. Stage sft on task causal_lm: samples grouped best-fit
+    into rows of pack_tokens. Every other stage and task: each batch as it comes runs as one row of its real tokens
+    (dpo: its chosen and rejected answers; the rest through the model body, whose outputs return to the padded layout)."""
     pack_tokens: int | None = Field(None, ge=8)
-    """Token budget of one packed row; default batch_size x data.max_length_tokens (a row replaces a padded batch)."""
+    """Token budget of one packed row (stage sft, task causal_lm); default batch_size x data.max_length_tokens."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop before the optimizer applies it, or skip that step (counted)."""
     max_consecutive_nonfinite: int = Field(3, ge=1)
@@ -390,9 +391,12 @@ class RunConfig(_Section):
     (task, data, method, train, eval, classify, ...), each starting from the previous stage's weights."""
 
     @model_validator(mode="after")
-    def _packs_hold_a_sample(self) -> RunConfig:
+    def _packing_settings_fit(self) -> RunConfig:
         if self.train.pack_tokens is not None and self.train.pack_tokens < self.data.max_length_tokens:
             raise ValueError("train.pack_tokens must be at least data.max_length_tokens, or a sample could fit no row")
+        if self.train.packing and self.train.adversarial.method != "none":
+            raise ValueError("train.adversarial sizes its perturbation per sequence, and under train.packing the "
+                             "embeddings see one row per packed batch: use one of the two")
         return self
 
     @model_validator(mode="after")
@@ -409,8 +413,9 @@ class RunConfig(_Section):
             raise ValueError("task multitask needs multitask.heads")
         if self.task == "causal_lm":
             return self
-        if self.train.packing:
-            raise ValueError(f"train.packing applies to task causal_lm only (task is {self.task!r})")
+        if self.train.pack_tokens is not None:
+            raise ValueError(f"train.pack_tokens sizes the packed rows of task causal_lm; task {self.task} packs each "
+                             "batch as it comes (train.batch_size sizes it): remove train.pack_tokens")
         if self.task != "classification":
             return self
         if self.classify.head_only and self.method.type != "full":

@@ -96,6 +96,7 @@ def run_classify(
     metrics = _Metrics(labels, validation_texts, run_dir)
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
+        packing="batches",
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_loss_func=ClassificationLoss(config.classify, weights),
         compute_metrics=metrics,

@@ -142,7 +142,6 @@ def run_dpo(
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
-    summary["packing"] = config.train.packing
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, run_dir)
     return DpoResult(run_dir, summary, trainer.model, tokenizer)
@@ -199,7 +198,7 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     try:
         trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation,
                                         console, collator, trainer_class=PreferenceTrainer, args=args,
-                                        ref_model=reference, peft_config=peft_config, pack_rows=False)
+                                        ref_model=reference, peft_config=peft_config, packing="own")
     except ValueError as exc:
         if peft_config is None or "target" not in str(exc).lower():
             raise

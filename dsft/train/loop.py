@@ -20,6 +20,7 @@ from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.models.kernels import optimizer_name
 from dsft.models.load import BASE_MODEL_DIR
+from dsft.models.packed_forward import pack_model
 from dsft.train import run_dir as rd
 from dsft.train.adversarial import build_adversary
 from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
@@ -112,14 +113,14 @@ class Guards:
 
 
 def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
-                   data_collator, first_callbacks=(), trainer_class=DsftTrainer, args=None, pack_rows=True,
+                   data_collator, first_callbacks=(), trainer_class=DsftTrainer, args=None, packing="rows",
                    **trainer_kwargs):
     """DsftTrainer with dsft's callbacks and guards, for any stage; trainer_kwargs e.g. compute_loss_func, compute_metrics.
 
     first_callbacks run before dsft's own, so what they add to a log record reaches metrics.jsonl. trainer_class is a
     DsftTrainer subclass (e.g. one mixed with a TRL trainer), args its arguments; default training_arguments(...).
-    With train.packing and pack_rows, the training rows are grouped into packed rows here (a stage that packs each
-    batch itself, as DPO does, passes pack_rows=False)."""
+    With train.packing, packing says how: "rows" groups the training rows into packed rows here (sft), "batches" runs
+    each padded batch packed through the model body (dsft.models.packed_forward), "own" leaves it to the stage (dpo)."""
     from transformers import (
         EarlyStoppingCallback,
         PrinterCallback,
@@ -143,7 +144,10 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     leaves = mark_moe_leaves(model, train.distributed)
     if leaves:
         console.print(f"ZeRO-3: MoE blocks fetched whole ({', '.join(leaves)})")
-    if train.packing and pack_rows:
+    if train.packing and packing == "batches":
+        pack_model(model)
+        console.print("packing: each batch runs as one row of its real tokens through the model body")
+    if train.packing and packing == "rows":
         pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
         train_rows = packed_rows(train_rows, pack_tokens)
         args.per_device_train_batch_size = 1  # one packed row holds what a padded batch held
@@ -275,6 +279,7 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "wall_time_s": round(time.perf_counter() - started_s, 2),
         "peak_memory": rd.peak_memory_bytes(),
         "trainable_parameters": counts.trainable,
+        "packing": config.train.packing,
         "unfreeze": [entry.model_dump() for entry in config.method.unfreeze] or None,
         "adversarial": config.train.adversarial.model_dump() if config.train.adversarial.method != "none" else None,
         "total_parameters": counts.total,

@@ -108,6 +108,7 @@ def run_multitask(
     head_losses = HeadLossLog(model, [head.name for head in heads])
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
+        packing="batches",
         data_collator=MultitaskCollator(tokenizer.pad_token_id, settings.heads),
         first_callbacks=[head_losses],
         compute_metrics=MultitaskMetrics(heads),

@@ -35,6 +35,7 @@ from dsft.data.prompts import RlPrompt
 from dsft.errors import TrainingDiverged, TrainingInterrupted
 from dsft.models.load import BASE_MODEL_DIR, build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
+from dsft.models.packed_forward import is_packed, pack_model
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
 from dsft.serve.generate import pad_left
 from dsft.train import rl_math
@@ -124,6 +125,10 @@ def run_ppo(
     if config.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.enable_input_require_grads()
+    if config.train.packing:  # the log-prob and value passes run packed; generation does not
+        for packed in (policy, reference) if reference is not None else (policy,):
+            pack_model(packed)
+        console.print("packing: each batch of prompts and completions runs as one row of its real tokens")
     value_head = ValueHead(model_hidden_size(policy)).to(device)
     counts = count_parameters(policy)
     console.print(f"method {config.method.type}: {counts.line()}; value head: {model_hidden_size(policy) + 1:,} parameters")
@@ -253,9 +258,10 @@ def forward(model, value_head, input_ids_BL, attention_mask_BL, completion_width
     """(next-token logits / temperature, values) at the T positions that predict the completion tokens.
 
     Position ids follow the attention mask, as generate() numbers a left-padded prompt, so the log-probabilities
-    are those of the distribution the tokens were sampled from. value_head None gives values None.
+    are those of the distribution the tokens were sampled from; a packed body (train.packing) numbers the real
+    tokens of each row so itself. value_head None gives values None.
     """
-    position_ids_BL = (attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
+    position_ids_BL = None if is_packed(model) else (attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL,
                 output_hidden_states=value_head is not None)
     window = slice(-completion_width - 1, -1)
@@ -440,6 +446,6 @@ def _summary(config: RunConfig, records: list[dict], stats: DataStats, counts, s
                "first_value_loss": records[0]["value_loss"] if records else None,
                "wall_time_s": round(time.perf_counter() - started_s, 2), "peak_memory": rd.peak_memory_bytes(),
                "trainable_parameters": counts.trainable, "total_parameters": counts.total,
-               "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."), "data": dataclasses.asdict(stats)}
+               "packing": config.train.packing, "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."), "data": dataclasses.asdict(stats)}
     summary.update(reward_summary(records, [c.name for c in components]))
     return summary

@@ -136,7 +136,7 @@ def run_reward(
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, as_dataset([full_sequences(row) for row in train_rows], True), validation,
         console, WithSampleIds(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)),
-        trainer_class=RewardModelTrainer, args=args,
+        trainer_class=RewardModelTrainer, args=args, packing="batches",
     )
     guards.progress.status_keys = {"accuracy": "acc", "margin": "margin", "pairwise_accuracy": "pairwise acc"}
     before = _evaluate(trainer, validation, console, "before training") if config.eval.before_training and not resume else None

@@ -37,7 +37,7 @@ def load_prompts(config: RunConfig, run_dir: Path):
 def refuse_settings(config: RunConfig, stage: str, more: dict[str, bool] | None = None) -> None:
     """Raise DsftError naming the first set key that stage would silently ignore (more: further key -> is set)."""
     train = config.train
-    ignored = {"train.packing": train.packing, "train.auto_find_batch_size": train.auto_find_batch_size,
+    ignored = {"train.pack_tokens": train.pack_tokens is not None, "train.auto_find_batch_size": train.auto_find_batch_size,
                "train.early_stopping_patience": train.early_stopping_patience is not None,
                "train.adversarial": train.adversarial.method != "none", "method.unfreeze": bool(config.method.unfreeze),
                **(more or {})}

@@ -94,6 +94,7 @@ def run_token_classify(
     # Train: cross entropy over first tokens, IGNORE_INDEX elsewhere and on padding.
     trainer, guards = build_trainer(
         config, run_dir, model, tokenizer, train_rows, validation_rows, console,
+        packing="batches",
         data_collator=DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX),
         compute_loss_func=token_classification_loss,
         compute_metrics=_Metrics(tags),

@@ -85,10 +85,8 @@ def check_stage_config(config: RunConfig) -> None:
     run directory (an adapter, not full weights)."""
     train = config.train
     unsupported = {
-        # The classifier reads each row's last token: sequences packed into one row would share one score, and
-        # TRL's RewardTrainer has no padding-free path. DPO packs each batch (packed_pairs.py).
-        "train.packing": train.packing and config.stage == "reward",
-        # Neither stage regroups pairs by a token budget: DPO packs each batch as it comes (batch_size sizes it).
+        # Neither stage regroups pairs by a token budget: each packs its batches as they come (batch_size sizes them):
+        # DPO below TRL's fused LM head (packed_pairs.py), the reward model through its body (packed_forward.py).
         "train.pack_tokens": train.pack_tokens is not None,
         "method.unfreeze": bool(config.method.unfreeze),
         "train.adversarial": train.adversarial.method != "none",

@@ -44,3 +44,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def logs_with_and_without_packing(tmp_path: Path, monkeypatch, config_for, keys: tuple[str, ...],
+                                  announced: str) -> dict:
+    """Run `dsft train` on config_for(directory, packing) with train.packing off, then on; per packing, the values of
+    keys in each metrics.jsonl record that has them. Checks the packed run announced itself, ran padded batches packed
+    through the model body (and the other run none) and says so in summary.json."""
+    from typer.testing import CliRunner
+
+    from dsft.cli import app
+    from dsft.models import packed_forward
+
+    logs = {}
+    for packing in (False, True):
+        directory = tmp_path / f"packing_{packing}"
+        directory.mkdir()
+        packed_batches = []
+        monkeypatch.setattr(packed_forward, "packed_positions", lambda mask, count=packed_forward.packed_positions:
+                            packed_batches.append(1) or count(mask))
+        result = CliRunner().invoke(app, ["train", str(config_for(directory, packing))], catch_exceptions=False)
+        monkeypatch.undo()
+        assert result.exit_code == 0, result.output
+        assert (announced in result.output) == packing
+        assert bool(packed_batches) == packing
+        run_dir = next(directory.glob("**/summary.json")).parent
+        assert json.loads((run_dir / "summary.json").read_text())["packing"] == packing
+        logs[packing] = [tuple(r[k] for k in keys) for r in read_metrics(run_dir) if all(k in r for k in keys)]
+    assert logs[True] and len(logs[True]) == len(logs[False])
+    return logs

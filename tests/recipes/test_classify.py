@@ -13,7 +13,7 @@ from dsft.errors import DsftError
 from dsft.models.load import load_run
 from dsft.train.classify import run_classify
 
-from .conftest import QUICKSTART, make_config
+from .conftest import QUICKSTART, logs_with_and_without_packing, make_config
 
 KEYWORDS = {"km": "distance", "kg": "weight", "yuan": "money"}
 
@@ -150,3 +150,13 @@ def test_eval_of_a_classifier_names_a_record_without_label(full_run, tmp_path):
     data.write_text('{"text": "3 km", "label": "distance"}\n{"text": "5 kg"}\n', encoding="utf-8")
     result = CliRunner().invoke(app, ["eval", str(full_run), "--data", str(data)])
     assert isinstance(result.exception, DsftError) and f"{data}:2: field 'label' is missing" in str(result.exception)
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, labelled_data):
+    """train.packing on a classifier (LoRA on DeepSeek-V3's MoE): each padded batch runs as one row of its real tokens,
+    and every logged loss equals the padded run's (tests/unit/test_packed_forward.py checks one pass's gradients)."""
+    def config_for(directory, packing):
+        return classify_config(directory, labelled_data, train={"max_steps": 3, "logging_steps": 1, "packing": packing})
+
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss",), "packing: each batch runs as one row")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)

@@ -17,7 +17,7 @@ from dsft.serve.generate import prompt_ids
 from dsft.train.grpo import run_grpo
 from dsft.train.rl_math import group_advantages
 
-from .conftest import read_metrics
+from .conftest import logs_with_and_without_packing, read_metrics
 from .rl_start import LOW_FIRST_DIGIT, one_thread, prompts_file, rl_config, sft_start  # noqa: F401 (autouse)
 
 GRPO = {"group_size": 8, "sampling": {"max_new_tokens": 4}, "kl_coef": 0.04, "rewards": [LOW_FIRST_DIGIT]}
@@ -91,3 +91,13 @@ def test_a_batch_of_partial_groups_is_refused(tmp_path, start):
     path = rl_config(tmp_path, *start, "grpo", grpo=GRPO, train={"batch_size": 12})
     with pytest.raises(DsftError, match=r"train.batch_size x train.grad_accum_steps \(12\).*multiple of grpo.group_size \(8\)"):
         run_grpo(load_config(path))
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, start):
+    """train.packing: the log-probability (and value) passes run each batch of prompts and completions as one row of
+    real tokens, and every logged loss, reward and KL equals the padded run's over the first steps."""
+    def config_for(directory, packing):
+        return rl_config(directory, *start, "grpo", grpo=GRPO, train={"max_steps": 3, "packing": packing})
+
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss", "reward", "kl"), "packing:")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-3, atol=1e-5)

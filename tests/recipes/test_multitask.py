@@ -16,7 +16,7 @@ from dsft.config import load_config
 from dsft.models.load import load_run
 from dsft.train.multitask import run_multitask
 
-from .conftest import read_metrics
+from .conftest import logs_with_and_without_packing, read_metrics
 
 PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 CITIES = [["paris"], ["london"], ["tokyo"], ["berlin"], ["madrid"], ["new", "york"], ["hong", "kong"], ["san", "diego"]]
@@ -200,3 +200,15 @@ def test_eval_scores_each_head_on_its_labelled_records(full_run, multitask_data,
         "compliance": sum("compliant" in r for r in lines)}
     assert heads["intent"]["report"]["accuracy"] >= 0.8 and heads["ner"]["report"]["entities"] > 0
     assert (out / "target" / "intent" / "confusion_matrix.png").is_file()
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, multitask_data):
+    """train.packing on three heads over one backbone (LoRA on DeepSeek-V3): every logged loss, and each head's,
+    equals the padded run's."""
+    def config_for(directory, packing):
+        return multitask_config(directory, multitask_data, {"preset": "tiny-deepseek-v3"}, {"type": "lora"},
+                                max_steps=3, logging_steps=1, eval_steps=None, packing=packing)
+
+    keys = ("loss", *(f"loss_{head['name']}" for head in HEADS))
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, keys, "packing: each batch runs as one row")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)

@@ -24,7 +24,7 @@ from dsft.train.callbacks import MetricsCallback
 from dsft.train.ppo import collect_rollout, ppo_losses, run_ppo
 from dsft.train.rewards import build_rewards
 
-from .conftest import read_metrics
+from .conftest import logs_with_and_without_packing, read_metrics
 from .rl_start import LOW_FIRST_DIGIT, one_thread, prompts_file, rl_config, sft_start  # noqa: F401 (autouse)
 
 PPO = {"rollout_batch_size": 32, "sampling": {"max_new_tokens": 4}, "kl_coef": 0.05, "ppo_epochs": 2,
@@ -178,3 +178,13 @@ def test_sigterm_saves_a_checkpoint_that_resumes_the_same_run(tmp_path, start, m
     for want, have in zip(expected[2:], got[2:]):
         for key in ("loss", "reward", "value_loss", "kl", "learning_rate"):
             assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, start):
+    """train.packing: the log-probability (and value) passes run each batch of prompts and completions as one row of
+    real tokens, and every logged loss, reward and KL equals the padded run's over the first steps."""
+    def config_for(directory, packing):
+        return rl_config(directory, *start, "ppo", ppo=PPO, train={"max_steps": 3, "packing": packing})
+
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss", "value_loss", "reward", "kl"), "packing:")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-3, atol=1e-5)

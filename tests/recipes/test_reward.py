@@ -13,7 +13,7 @@ from dsft.data.dataset import DataStats
 from dsft.data.preference_data import load_pairs
 from dsft.models.reward import load_reward_model
 
-from .conftest import QUICKSTART, make_config, read_metrics
+from .conftest import QUICKSTART, logs_with_and_without_packing, make_config, read_metrics
 
 POLITE, RUDE = "happy to help.", "stop asking."
 
@@ -106,3 +106,14 @@ def test_lora_reward_model_on_deepseek_v3_loads_as_a_reward_function(tmp_path, p
     scores = reward([[pair.prompt[0]] for pair in load_pairs([str(preference_files["train"])], "error", DataStats(), max_samples=3)],
                     ["1", "2", "3"])
     assert len(scores) == 3 and all(isinstance(score, float) for score in scores)
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, preference_files):
+    """train.packing on a reward model: each batch of chosen and rejected answers runs as one row of real tokens,
+    and every logged loss and accuracy equals the padded run's."""
+    def config_for(directory, packing):
+        return reward_config(directory, preference_files, model={"preset": "tiny-qwen2"}, method={"type": "full"},
+                             train={"max_steps": 3, "logging_steps": 1, "eval_steps": None, "packing": packing})
+
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss", "accuracy"), "packing: each batch runs")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)

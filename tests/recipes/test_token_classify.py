@@ -16,7 +16,7 @@ from dsft.data.bio import encode_words, word_predictions
 from dsft.models.load import load_run
 from dsft.train.token_classify import run_token_classify
 
-from .conftest import make_config
+from .conftest import logs_with_and_without_packing, make_config
 
 # Planted task: names from a fixed list are PER, cities LOC; every other word is O. A word's first token
 # and the words before it decide its tag, which is what a causal backbone can see.
@@ -192,3 +192,13 @@ def test_bio_mismatch_stops_train_with_file_and_line(tmp_path, english_data, mon
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"{bad}:5" in err and "'tags'" in err and "2 tags for 3 words" in err and "Traceback" not in err
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, chinese_data):
+    """train.packing on a token tagger (LoRA on DeepSeek-V3): every logged loss equals the padded run's."""
+    def config_for(directory, packing):
+        return ner_config(directory, chinese_data, "none",
+                          train={"max_steps": 3, "logging_steps": 1, "eval_steps": None, "packing": packing})
+
+    logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss",), "packing: each batch runs as one row")
+    torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)

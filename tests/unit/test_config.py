@@ -176,3 +176,11 @@ def test_stages_merge_into_the_config_and_errors_name_the_stage(tmp_path):
     assert (first.train.max_steps, first.train.seed, first.task) == (5, 7, "causal_lm")
     assert (second.train.max_steps, second.task) == (None, "classification")
     assert yaml.safe_load(dump_config(config))["stages"][1] == {"name": "b", "task": "classification"}
+
+
+def test_packing_refuses_a_row_budget_outside_causal_lm_and_adversarial_training(tmp_path):
+    classifier = MINIMAL + "task: classification\ntrain:\n  packing: true\n"
+    assert load_config(write(tmp_path, classifier)).train.packing
+    assert "task classification packs each batch as it comes" in error_of(tmp_path, classifier + "  pack_tokens: 4096\n")
+    adversarial = classifier + "  adversarial:\n    method: fgm\n"
+    assert "train.adversarial sizes its perturbation per sequence" in error_of(tmp_path, adversarial)

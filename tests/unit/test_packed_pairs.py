@@ -62,14 +62,13 @@ def test_packed_dpo_step_equals_padded(tmp_path, tokenizer, rows, method, attent
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_reward_refuses_packing_and_dpo_refuses_a_row_budget():
+def test_pair_stages_pack_batches_and_refuse_a_row_budget():
     def config(stage: str, **train) -> RunConfig:
         return RunConfig.model_validate({"stage": stage, "model": {"preset": "tiny-qwen2"},
                                          "data": {"train_files": ["unused.jsonl"], "max_length_tokens": 48},
                                          "train": train})
 
-    with pytest.raises(DsftError, match="train.packing is not supported by stage reward"):
-        check_stage_config(config("reward", packing=True))
-    with pytest.raises(DsftError, match="train.pack_tokens is not supported by stage dpo"):
-        check_stage_config(config("dpo", packing=True, pack_tokens=64))
-    check_stage_config(config("dpo", packing=True))
+    for stage in ("dpo", "reward"):
+        with pytest.raises(DsftError, match=f"train.pack_tokens is not supported by stage {stage}"):
+            check_stage_config(config(stage, packing=True, pack_tokens=64))
+        check_stage_config(config(stage, packing=True))

@@ -1,0 +1,101 @@
+"""Packed forwards of padded batches (dsft.models.packed_forward): exact packing bookkeeping, and for every head kind
+(causal LM, sequence classifier, token classifier, bare backbone) and both attention kernels the packed forward's
+outputs and gradients equal the padded forward's, full and LoRA, right- and left-padded."""
+
+import pytest
+import torch
+
+from dsft.models import packed_forward
+from dsft.models.packed_forward import pack_model, packed_positions, unpack_tokens
+from dsft.models.presets import build_preset, build_preset_classifier
+
+
+def test_positions_restart_at_each_row_and_skip_padding():
+    attention_mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
+    assert packed_positions(attention_mask).tolist() == [[0, 1, 2, 0, 1, 2, 0]]
+
+
+def test_unpack_puts_each_token_under_its_padded_position_with_zeros_at_padding():
+    attention_mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    values = torch.tensor([[[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]]], requires_grad=True)
+    unpacked = unpack_tokens(values, attention_mask)
+    assert unpacked.tolist() == [[[1.0, 10.0], [2.0, 20.0], [0.0, 0.0]], [[0.0, 0.0], [3.0, 30.0], [4.0, 40.0]]]
+    (unpacked * torch.arange(12.0).reshape(2, 3, 2)).sum().backward()
+    assert values.grad.tolist() == [[[0.0, 1.0], [2.0, 3.0], [8.0, 9.0], [10.0, 11.0]]]
+
+
+def batch(tokenizer, left_padded: bool):
+    tokenizer.padding_side = "left" if left_padded else "right"
+    texts = ["what is the answer 12 + 3?", "hello", "请回答 问题 the exact sevens and think 7"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    assert (encoded["attention_mask"] == 0).any()
+    return dict(encoded)
+
+
+def build(kind: str, preset: str, tokenizer, method: str):
+    if kind == "causal_lm":
+        model = build_preset(preset, tokenizer, seed=3, dtype=torch.float32)
+    elif kind == "backbone":
+        model = build_preset(preset, tokenizer, seed=3, dtype=torch.float32).model
+    else:
+        model = build_preset_classifier(preset, tokenizer, 3, torch.float32, ["a", "b", "c"], task=kind)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    # Dropout off (the token classifier's head has some), so both forwards see the same function.
+    return model.eval()
+
+
+def outputs_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(**inputs)
+    value = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    mask = inputs["attention_mask"].bool()
+    # Padding positions differ by design (garbage padded, zeros packed); every head reads real tokens only.
+    kept = value if value.dim() == 2 else value[mask]
+    (kept.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return kept.detach(), grads
+
+
+@pytest.mark.parametrize("kind, preset, attention, method, left_padded", [
+    ("classification", "tiny-qwen2", "sdpa", "full", False),
+    ("classification", "tiny-deepseek-v3", "eager", "lora", False),
+    ("classification", "tiny-qwen2", "eager", "full", True),
+    ("token_classification", "tiny-deepseek-v3", "sdpa", "full", False),
+    ("causal_lm", "tiny-qwen2", "sdpa", "lora", True),
+    ("causal_lm", "tiny-deepseek-v3", "sdpa", "full", True),
+    ("backbone", "tiny-llama", "sdpa", "full", False),
+])
+def test_packed_forward_equals_padded(tokenizer, monkeypatch, kind, preset, attention, method, left_padded):
+    model = build(kind, preset, tokenizer, method)
+    model.config._attn_implementation = attention
+    inputs = batch(tokenizer, left_padded)
+    expected, expected_grads = outputs_and_grads(model, inputs)
+    packed_calls = []
+    monkeypatch.setattr(packed_forward, "packed_positions",
+                        lambda mask: packed_calls.append(1) or packed_positions(mask))
+    pack_model(model)
+    pack_model(model)  # idempotent: wrapping twice packs once
+    actual, grads = outputs_and_grads(model, inputs)
+    assert packed_calls == [1]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_generation_and_unpadded_batches_run_unpacked(tokenizer, monkeypatch):
+    model = build_preset("tiny-qwen2", tokenizer, seed=3, dtype=torch.float32)
+    pack_model(model)
+    packed_calls = []
+    monkeypatch.setattr(packed_forward, "packed_positions",
+                        lambda mask: packed_calls.append(1) or packed_positions(mask))
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(["hello", "what is the answer"], return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    model.generate(**prompts, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model(**tokenizer(["hello"], return_tensors="pt"))
+    assert packed_calls == []
