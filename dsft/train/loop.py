@@ -164,9 +164,9 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         ledger=ledger,
         keep_last_checkpoints=train.keep_last_checkpoints,
         adversary=build_adversary(train.adversarial, model),
-        # Several processes: each epoch's samples once over the ranks (sft, classification, token classification,
-        # multitask). TRL's trainers (dpo, reward) keep accelerate's even batches: their losses are per-batch means.
-        whole_epochs=trainer_class is DsftTrainer,
+        # Several processes: each epoch's samples once over the ranks (every stage built here; TRL's mixes weigh
+        # each pair equally in its step, trl_stage.DsftTrlTrainer).
+        whole_epochs=True,
         **trainer_kwargs,
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.

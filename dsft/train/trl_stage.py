@@ -20,8 +20,41 @@ from dsft.train.trainer import DsftTrainer
 
 
 class DsftTrlTrainer(DsftTrainer):
-    """DsftTrainer's side of a TRL trainer mix: the rows arrive rendered and tokenized, and the run directory
-    (config.yaml, summary.json) describes the run instead of TRL's model card."""
+    """DsftTrainer's side of a TRL trainer mix: the rows arrive rendered and tokenized, the run directory
+    (config.yaml, summary.json) describes the run instead of TRL's model card, and every pair weighs the same in
+    its optimizer step.
+
+    TRL's losses are means over a micro-batch, and the Trainer (over accumulation) and the engines (over ranks)
+    average micro-batches, so a pair in a smaller micro-batch (an epoch's short last step; under several processes
+    data.batches' uneven split) would weigh more. Each training micro-batch's loss is scaled by
+    pairs_in_micro_batch x micro_batches_per_step / pairs_in_step: a step's gradient is then the mean over its
+    pairs, whatever the split into micro-batches and ranks; full steps are scaled by exactly 1.
+    """
+
+    pairs_per_step: int | None = None
+    """Pairs in the current optimizer step over all ranks, counted when its micro-batches are fetched."""
+    micro_batches_per_step: int = 1
+    """Micro-batches in the current optimizer step over all ranks."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and all("sample_id" in batch for batch in batch_samples):  # training batches
+            import torch
+
+            local_pairs = torch.tensor(sum(len(batch["sample_id"]) for batch in batch_samples), device=device)
+            self.pairs_per_step = int(self.accelerator.reduce(local_pairs, reduction="sum"))
+            self.micro_batches_per_step = len(batch_samples) * self.accelerator.num_processes
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = 1.0
+        if self.pairs_per_step and model.training and "sample_id" in inputs:
+            weight = len(inputs["sample_id"]) * self.micro_batches_per_step / self.pairs_per_step
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if weight == 1.0:
+            return result
+        return (result[0] * weight, *result[1:]) if return_outputs else result * weight
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # dsft rendered the pairs with the run's chat template, segment by segment, as SFT and generation do;

@@ -106,6 +106,36 @@ def test_an_epoch_that_does_not_divide_trains_each_sample_once_across_ranks(tmp_
         assert sorted(i for ids in epoch for i in ids) == list(range(14))
 
 
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_pairs_of_an_epoch_that_does_not_divide_train_once_and_weigh_the_same(tmp_path, stage):
+    """The pair stages (TRL's trainers, mean losses per micro-batch) on 14 pairs, 8 a step: 2 ranks x batch 2 x 2
+    accumulation steps deal each epoch's last 6 pairs as 2, 2, 1, 1 and train each pair once; weighted by its pairs
+    (trl_stage.DsftTrlTrainer), every step equals one process with one batch of 8 (then 6), and one process with
+    batch 4 x 2 accumulation steps (4 + 2 in the short step)."""
+    from tests.recipes.test_reward import planted_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in planted_pairs(14)), encoding="utf-8")
+    losses = {}
+    for name, args, train in (("one_batch", (), {"batch_size": 8}),
+                              ("accumulated", (), {"batch_size": 4, "grad_accum_steps": 2}),
+                              ("ddp", ("--nproc", "2"), {"batch_size": 2, "grad_accum_steps": 2})):
+        (tmp_path / name).mkdir()
+        config = make_config(tmp_path / name, {"train": pairs}, **FULL_QWEN, data={"max_length_tokens": 48},
+                             train={"max_steps": 4, "learning_rate": 1e-3, **train})
+        config.write_text(f"stage: {stage}\n" + config.read_text(encoding="utf-8"), encoding="utf-8")
+        result = dsft_train(config, *args)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses[name] = train_losses(tmp_path / name / "run")
+    assert list(losses["ddp"]) == [1, 2, 3, 4]
+    assert losses["accumulated"] == pytest.approx(losses["one_batch"], rel=1e-4)
+    assert losses["ddp"] == pytest.approx(losses["one_batch"], rel=1e-4)
+    ledger = [json.loads(line)["sample_ids"] for line in (tmp_path / "ddp/run/samples.jsonl").read_text().splitlines()]
+    assert [len(ids) for ids in ledger] == [8, 6, 8, 6]
+    for epoch in (ledger[:2], ledger[2:]):
+        assert sorted(i for ids in epoch for i in ids) == list(range(14))
+
+
 def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
     config = make_config(tmp_path, tiny_data, **FULL_QWEN, train=STEPS)
     result = dsft_train(config, "--nproc", "2", env={"DSFT_TEST_FAIL_RANK": "1"})
