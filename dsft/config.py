@@ -86,8 +86,10 @@ class ModelConfig(_Section):
     """Weight dtype; auto: bfloat16 where CUDA supports it, else float32."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model repository; off unless you trust its author."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """Attention kernel; default: transformers' choice (sdpa where supported)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "varlen"] | None = None
+    """Attention kernel; default: transformers' choice (sdpa where supported), and for packed rows on CUDA the
+    speed plan's (flash_attention_2 with flash-attn installed, else varlen). varlen: PyTorch's varlen flash kernel
+    over packed sequences (CUDA, bf16/fp16; SDPA per sequence elsewhere)."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:

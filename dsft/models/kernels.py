@@ -14,6 +14,10 @@ What auto resolves to:
   compute capability 8.0+, or CPU with torch 2.9+), else eager. dsft's grouped_mm also computes LoRA on the routed
   experts as grouped low-rank products (moe_lora.py).
 - fused_optimizer: on (torch's fused AdamW exists for CUDA and CPU; transformers' own default since torch 2.8).
+- attention (with train.packing only, and only where model.attn_implementation is not set): on CUDA,
+  flash_attention_2 where flash-attn is installed, else dsft's varlen (PyTorch's varlen flash kernel,
+  varlen_attention.py), so packed rows need no tokens x tokens mask; on CPU the model's own kernel (sdpa with
+  transformers' block-diagonal mask).
 - compile: as configured; each decoder layer is compiled in place (nn.Module.compile), so the chunked loss, which
   calls the decoder directly, runs compiled layers too.
 - checkpointing (with gradient_checkpointing only): transformers' activation checkpointing of every decoder layer;
@@ -46,6 +50,8 @@ class SpeedPlan:
     compile: bool
     checkpointing: str
     """off, full, selective or offload."""
+    attention: str | None
+    """The attn_implementation the plan sets (flash_attention_2 or varlen), or None to keep the model's."""
     reasons: dict[str, str]
     """Why a switch is off (or not applicable), by switch name."""
 
@@ -63,16 +69,19 @@ class SpeedPlan:
             state("fused_optimizer", "fused AdamW", self.fused_optimizer),
             state("compile", "compile", self.compile),
             f"checkpointing {self.checkpointing}" + (f" ({self.reasons['checkpointing']})" if "checkpointing" in self.reasons else ""),
+            f"attention {self.attention}" if self.attention else f"attention unchanged ({self.reasons['attention']})",
         ])
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None) -> SpeedPlan:
+def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None,
+                       attn_implementation: str | None = None) -> SpeedPlan:
     """The switches of train resolved for model (after the method is applied: a PeftModel for LoRA) on this machine.
 
-    cuda defaults to torch.cuda.is_available(). Raises DsftError when a switch set to on cannot apply here.
+    cuda defaults to torch.cuda.is_available(); attn_implementation is model.attn_implementation (a user's choice
+    the plan keeps). Raises DsftError when a switch set to on cannot apply here.
     """
     import torch
 
@@ -94,8 +103,41 @@ def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None) -> S
     return SpeedPlan(
         liger=liger, chunked_loss=chunked, loss_chunk_tokens=train.loss_chunk_tokens,
         experts=_resolve_experts(train.experts, model, cuda), fused_optimizer=fused, compile=train.compile,
-        checkpointing=checkpointing, reasons=reasons,
+        checkpointing=checkpointing, attention=_resolve_attention(train.packing, attn_implementation, cuda, reasons),
+        reasons=reasons,
     )
+
+
+def _resolve_attention(packing: bool, attn_implementation: str | None, cuda: bool, reasons: dict[str, str]):
+    attention, reason = packed_attention(packing, attn_implementation, cuda)
+    if reason is not None:
+        reasons["attention"] = reason
+    return attention
+
+
+def packed_attention(packing: bool, attn_implementation: str | None, cuda: bool) -> tuple[str | None, str | None]:
+    """(the attn_implementation for packed rows, None) or (None, why the model's own kernel stays); see the module
+    docstring. attn_implementation is model.attn_implementation, a user's choice that stays."""
+    from dsft.models.varlen_attention import VARLEN, varlen_kernel_available
+
+    if not packing:
+        return None, "no packing"
+    if attn_implementation is not None:
+        return None, f"model.attn_implementation: {attn_implementation}"
+    if not cuda:
+        return None, "no CUDA: the block-diagonal mask"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", None
+    if varlen_kernel_available():
+        return VARLEN, None
+    return None, "no varlen kernel in this torch: the block-diagonal mask"
+
+
+def set_attention(model, attention: str) -> None:
+    """Switch model (PEFT-wrapped or not) to attention (flash_attention_2, or dsft's varlen, registered here)."""
+    from dsft.models.varlen_attention import VARLEN, register_varlen_attention
+
+    _base_model(model).set_attn_implementation(register_varlen_attention() if attention == VARLEN else attention)
 
 
 def _decide(name: str, setting: str, blocker: str | None, reasons: dict[str, str]) -> bool:
@@ -163,6 +205,8 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     """Put the plan's model-side switches in place: experts kernel, Liger, checkpointing, then compile (last, so it
     compiles the layers as they will run). The optimizer and the loss are the Trainer's (loop.py, trainer.py)."""
     base = _base_model(model)
+    if plan.attention is not None:
+        set_attention(model, plan.attention)
     if plan.experts is not None:
         from dsft.models.moe_lora import register_grouped_lora
 

@@ -66,11 +66,27 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
 
     dtype = resolve_dtype(model.dtype)
     if model.preset is not None:
-        return build_preset(model.preset, tokenizer, seed, dtype)
+        return with_attention(build_preset(model.preset, tokenizer, seed, dtype), model)
     loaded = _guarded(lambda: _from_pretrained(model, dtype), "model.name_or_path", model.name_or_path)
     if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
         loaded.resize_token_embeddings(len(tokenizer))
     return loaded
+
+
+def attention_name(model: ModelConfig) -> str | None:
+    """model.attn_implementation as transformers names it; dsft's varlen is registered with transformers first."""
+    if model.attn_implementation == "varlen":
+        from dsft.models.varlen_attention import register_varlen_attention
+
+        return register_varlen_attention()
+    return model.attn_implementation
+
+
+def with_attention(built, model: ModelConfig):
+    """built (a model made from config, e.g. a preset) with model.attn_implementation set, if the config sets one."""
+    if model.attn_implementation is not None:
+        built.set_attn_implementation(attention_name(model))
+    return built
 
 
 def hub_token(model: ModelConfig) -> str | None:
@@ -101,7 +117,7 @@ def _from_pretrained(model: ModelConfig, dtype, task: str = "causal_lm", **extra
         dtype=dtype, trust_remote_code=model.trust_remote_code, revision=model.revision, token=hub_token(model)
     )
     if model.attn_implementation is not None:
-        kwargs["attn_implementation"] = model.attn_implementation
+        kwargs["attn_implementation"] = attention_name(model)
     return auto_model_class(task).from_pretrained(model.name_or_path, **kwargs, **extra)
 
 
@@ -126,7 +142,7 @@ def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str]
 
     dtype = resolve_dtype(model.dtype)
     if model.preset is not None:
-        classifier = build_preset_classifier(model.preset, tokenizer, seed, dtype, labels, task)
+        classifier = with_attention(build_preset_classifier(model.preset, tokenizer, seed, dtype, labels, task), model)
     else:
         label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)

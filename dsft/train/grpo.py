@@ -31,7 +31,6 @@ from dsft.data.prompts import RlPrompt
 from dsft.errors import DsftError
 from dsft.models.load import BASE_MODEL_DIR, build_model
 from dsft.models.method import apply_method, count_parameters
-from dsft.models.packed_forward import pack_model
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
@@ -39,6 +38,7 @@ from dsft.train.loop import (
     Guards,
     checkpoint_to_resume,
     data_fingerprints,
+    pack_batches,
     run_summary,
     save_model,
     train_guarded,
@@ -116,8 +116,7 @@ def run_grpo(
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")
     if config.train.packing:  # TRL's log-prob passes (policy, reference) run each batch packed; generation does not
-        pack_model(model)
-        console.print("packing: each batch of prompts and completions runs as one row of its real tokens")
+        pack_batches(model, config, console, "each batch of prompts and completions")
 
     # Train.
     trainer, guards = _build_trainer(config, run_dir, model, tokenizer, prompts, components, console)

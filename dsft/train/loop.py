@@ -18,7 +18,7 @@ from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.data.packing import packed_rows
 from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
-from dsft.models.kernels import optimizer_name
+from dsft.models.kernels import optimizer_name, packed_attention, set_attention
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.packed_forward import pack_model
 from dsft.train import run_dir as rd
@@ -145,8 +145,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     if leaves:
         console.print(f"ZeRO-3: MoE blocks fetched whole ({', '.join(leaves)})")
     if train.packing and packing == "batches":
-        pack_model(model)
-        console.print("packing: each batch runs as one row of its real tokens through the model body")
+        pack_batches(model, config, console, "each batch")
     if train.packing and packing == "rows":
         pack_tokens = train.pack_tokens or train.batch_size * config.data.max_length_tokens
         train_rows = packed_rows(train_rows, pack_tokens)
@@ -175,6 +174,20 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
+
+
+def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
+    """Run each padded batch of model (and more_models) packed through the model body, with the packed-row attention
+    kernel where one applies (kernels.packed_attention), and say so."""
+    import torch
+
+    attention, reason = packed_attention(True, config.model.attn_implementation, torch.cuda.is_available())
+    for packed in (model, *more_models):
+        pack_model(packed)
+        if attention is not None:
+            set_attention(packed, attention)
+    console.print(f"packing: {what} runs as one row of its real tokens through the model body "
+                  f"(attention {attention or 'unchanged: ' + reason})")
 
 
 def checkpoint_to_resume(run_dir: Path, console: Console) -> Path:

@@ -35,14 +35,14 @@ from dsft.data.prompts import RlPrompt
 from dsft.errors import TrainingDiverged, TrainingInterrupted
 from dsft.models.load import BASE_MODEL_DIR, build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
-from dsft.models.packed_forward import is_packed, pack_model
+from dsft.models.packed_forward import is_packed
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
 from dsft.serve.generate import pad_left
 from dsft.train import rl_math
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback
 from dsft.train.guards import StopOnSignal
-from dsft.train.loop import checkpoint_to_resume, data_fingerprints, save_model
+from dsft.train.loop import checkpoint_to_resume, data_fingerprints, pack_batches, save_model
 from dsft.train.ppo_checkpoints import load_ppo_checkpoint, save_ppo_checkpoint
 from dsft.train.rewards import Completions, RewardComponent, Rewards, build_rewards, score
 from dsft.train.rl_common import (
@@ -126,9 +126,8 @@ def run_ppo(
         policy.gradient_checkpointing_enable()
         policy.enable_input_require_grads()
     if config.train.packing:  # the log-prob and value passes run packed; generation does not
-        for packed in (policy, reference) if reference is not None else (policy,):
-            pack_model(packed)
-        console.print("packing: each batch of prompts and completions runs as one row of its real tokens")
+        pack_batches(policy, config, console, "each batch of prompts and completions",
+                     *([reference] if reference is not None else []))
     value_head = ValueHead(model_hidden_size(policy)).to(device)
     counts = count_parameters(policy)
     console.print(f"method {config.method.type}: {counts.line()}; value head: {model_hidden_size(policy) + 1:,} parameters")

@@ -86,7 +86,7 @@ def run_sft(
     model = apply_method(model, config.method)
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")
-    speed = resolve_speed_plan(config.train, model)
+    speed = resolve_speed_plan(config.train, model, attn_implementation=config.model.attn_implementation)
     apply_speed_plan(model, speed)
     console.print(speed.line())
 

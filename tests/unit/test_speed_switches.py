@@ -56,7 +56,7 @@ def _train_losses(tmp_path, tokenizer, **train) -> list[float]:
 def test_auto_on_cpu(tmp_path, tokenizer):
     moe = resolve_speed_plan(_config(tmp_path, "tiny-deepseek-v3").train, _model(_config(tmp_path, "tiny-deepseek-v3"), tokenizer), cuda=False)
     assert moe.line() == ("kernels: liger off (no CUDA), chunked loss off (no CUDA: the model's own loss), experts grouped_mm, "
-                          "fused AdamW on, compile off (train.compile: false), checkpointing off")
+                          "fused AdamW on, compile off (train.compile: false), checkpointing off, attention unchanged (no packing)")
     dense = resolve_speed_plan(_config(tmp_path, gradient_checkpointing=True, checkpointing="selective").train,
                                _model(_config(tmp_path), tokenizer), cuda=False)
     assert (dense.experts, dense.checkpointing, dense.chunked_loss) == (None, "selective", False)
