@@ -103,7 +103,10 @@ def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool, 
     )
 
 
-@dataclasses.dataclass
+TENSORBOARD_DIR = "tensorboard"
+"""Where every stage writes its TensorBoard event files, under the run directory."""
+
+
 @dataclasses.dataclass
 class Guards:
     metrics: MetricsCallback
@@ -200,7 +203,21 @@ def checkpoint_to_resume(run_dir: Path, console: Console) -> Path:
     with main_first():  # the others wait until rank 0 has cut the logs back
         for name in (METRICS_FILE, SAMPLES_FILE) if is_main() else ():
             truncate_log(run_dir / name, step)
+        if is_main():
+            purge_tensorboard_after(run_dir / TENSORBOARD_DIR, step)
     return checkpoint
+
+
+def purge_tensorboard_after(log_dir: Path, step: int) -> None:
+    """Hide the TensorBoard points an interrupted run wrote after step: the resumed run writes them again.
+
+    TensorBoard's own purge: an event file opened with purge_step marks a restart, and TensorBoard drops the
+    earlier files' points from that step on (the event files themselves, like the run's inputs, are not edited)."""
+    if not log_dir.is_dir():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    SummaryWriter(log_dir=str(log_dir), purge_step=step + 1).close()
 
 
 def train_guarded(trainer, guards: Guards, checkpoint: Path | None, train: TrainConfig, resume_command: str):
@@ -236,7 +253,7 @@ def _tensorboard_callback(run_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR)))
 
 
 def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:

@@ -13,7 +13,7 @@ from dsft.data.dataset import DataStats, load_examples
 from dsft.errors import DsftError
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.serve.generate import DecodeSettings
-from dsft.train.loop import format_number
+from dsft.train.loop import TENSORBOARD_DIR, format_number
 
 
 def load_prompts(config: RunConfig, run_dir: Path):
@@ -93,7 +93,7 @@ def tensorboard_writer(run_dir: Path):
     """A TensorBoard writer into run_dir/tensorboard, where every stage writes its event files."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
 
 def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
