@@ -258,11 +258,12 @@ def forward(model, value_head, input_ids_BL, attention_mask_BL, completion_width
 
     Position ids follow the attention mask, as generate() numbers a left-padded prompt, so the log-probabilities
     are those of the distribution the tokens were sampled from; a packed body (train.packing) numbers the real
-    tokens of each row so itself. value_head None gives values None.
+    tokens of each row so itself. value_head None gives values None. The LM head runs on the completion window
+    only (logits_to_keep): the prompt's positions get no vocabulary-sized logits.
     """
     position_ids_BL = None if is_packed(model) else (attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL,
-                output_hidden_states=value_head is not None)
+                output_hidden_states=value_head is not None, logits_to_keep=completion_width + 1)
     window = slice(-completion_width - 1, -1)
     logits_BTV = out.logits[:, window].float() / temperature
     values_BT = value_head(out.hidden_states[-1][:, window]) if value_head is not None else None
