@@ -3,7 +3,8 @@ Linear head per task.
 
 A sequence head reads the hidden state of the last token that is not padding (as transformers'
 *ForSequenceClassification pools); a token head reads every position. The loss is the weighted sum
-over heads of each head's cross entropy, averaged over the items the batch labels for that head.
+over heads of each head's cross entropy, averaged over the items the batch labels for that head (in training,
+over the items the whole optimizer step labels: MultitaskModel.step_loss).
 
 The run directory holds the backbone as plain Hugging Face (full: config.json and model.safetensors
 of the base model; LoRA: the PEFT adapter, with a preset's random-init base in base_model/), the heads
@@ -135,6 +136,21 @@ class MultitaskModel(nn.Module):
             weighted = spec.loss_weight * head_losses[spec.name]
             total = weighted if total is None else total + weighted
         return total, head_losses, head_items
+
+    def step_loss(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                  items_per_step: dict[str, int], micro_batches_per_step: int) -> torch.Tensor:
+        """This micro-batch's share of its optimizer step's loss: sum_h loss_weight_h x (its summed CE_h / the
+        items labelled for h in the whole step) x micro_batches_per_step. Averaged over the step's micro-batches
+        (as the Trainer and the engines average), it is each head's mean over the step's labelled items, whatever
+        the micro-batch sizes: gradient accumulation and several ranks equal one large batch."""
+        total = None
+        for spec in self.head_specs:
+            if label_key(spec.name) not in labels or not items_per_step.get(spec.name):
+                continue
+            mean, items = head_loss(logits[spec.name], labels[label_key(spec.name)])
+            share = spec.loss_weight * mean * items * micro_batches_per_step / items_per_step[spec.name]
+            total = share if total is None else total + share
+        return total if total is not None else sum(logit.sum() * 0.0 for logit in logits.values())
 
     def save_pretrained(self, directory: str | Path, safe_serialization: bool = True) -> None:
         """Write the backbone (save_pretrained: full model or PEFT adapter), heads.safetensors and multitask.json.

@@ -46,6 +46,7 @@ from dsft.train.loop import (
     save_model,
     train_guarded,
 )
+from dsft.train.trainer import DsftTrainer
 
 SEQUENCE_KEYS = ("accuracy", "macro_f1", "micro_f1")
 """A sequence head's single numbers (logged as eval_<head>_<key>); a token head's are ner.SCALAR_KEYS."""
@@ -111,6 +112,7 @@ def run_multitask(
         packing="batches",
         data_collator=MultitaskCollator(tokenizer.pad_token_id, settings.heads),
         first_callbacks=[head_losses],
+        trainer_class=MultitaskTrainer,
         compute_metrics=MultitaskMetrics(heads),
         preprocess_logits_for_metrics=predicted_ids,
     )
@@ -129,6 +131,34 @@ def run_multitask(
     rd.write_summary(run_dir, summary)
     _print_summary(console, summary, heads, run_dir)
     return MultitaskResult(run_dir, summary, trainer.model, tokenizer, heads)
+
+
+class MultitaskTrainer(DsftTrainer):
+    """DsftTrainer whose training loss weighs every labelled item of an optimizer step the same, per head
+    (MultitaskModel.step_loss): the per-micro-batch means of MultitaskModel.loss would let an item in a micro-batch
+    with fewer labels for its head weigh more (gradient accumulation; an epoch's uneven last step over ranks)."""
+
+    items_per_step: dict[str, int] | None = None
+    """Items labelled per head in the current optimizer step over all ranks, counted as its micro-batches are
+    fetched."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            heads = self.accelerator.unwrap_model(self.model).head_specs
+            totals = self.step_totals(batch_samples, lambda batch: [
+                int((batch[label_key(h.name)] != IGNORE_INDEX).sum()) if label_key(h.name) in batch else 0
+                for h in heads])
+            self.items_per_step = {head.name: total for head, total in zip(heads, totals)}
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.items_per_step is not None:
+            # inputs still hold the labels_<head> tensors the model read
+            loss = self.accelerator.unwrap_model(model).step_loss(outputs.logits, inputs, self.items_per_step,
+                                                                  self.micro_batches_per_step)
+        return (loss, outputs) if return_outputs else loss
 
 
 class HeadLossLog(TrainerCallback):

@@ -47,6 +47,9 @@ class SampleLedger(TrainerCallback):
 class DsftTrainer(Trainer):
     """Trainer with staged, manifested checkpoints, a sample ledger and a non-finite loss flag."""
 
+    micro_batches_per_step: int = 1
+    """Micro-batches in the current optimizer step over all ranks (set by step_totals)."""
+
     def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None,
                  loss_chunk_tokens: int | None = None, whole_epochs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -75,6 +78,17 @@ class DsftTrainer(Trainer):
         if self.whole_epochs and self.accelerator.num_processes > 1:
             deal_whole_epochs(loader, self.args.gradient_accumulation_steps)
         return loader
+
+    def step_totals(self, batch_samples: list[dict], counts) -> list[int]:
+        """Sums over an optimizer step's micro-batches on every rank of counts(batch) (a list of numbers per
+        micro-batch), for losses that weigh each item of a step the same (trl_stage, multitask). Also sets
+        micro_batches_per_step. A collective: every rank calls it for every step."""
+        import torch
+
+        local = torch.tensor([list(map(int, counts(batch))) for batch in batch_samples], dtype=torch.long,
+                             device=self.args.device).sum(dim=0)
+        self.micro_batches_per_step = len(batch_samples) * self.accelerator.num_processes
+        return [int(total) for total in self.accelerator.reduce(local, reduction="sum")]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_id", None)

@@ -33,17 +33,11 @@ class DsftTrlTrainer(DsftTrainer):
 
     pairs_per_step: int | None = None
     """Pairs in the current optimizer step over all ranks, counted when its micro-batches are fetched."""
-    micro_batches_per_step: int = 1
-    """Micro-batches in the current optimizer step over all ranks."""
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples and all("sample_id" in batch for batch in batch_samples):  # training batches
-            import torch
-
-            local_pairs = torch.tensor(sum(len(batch["sample_id"]) for batch in batch_samples), device=device)
-            self.pairs_per_step = int(self.accelerator.reduce(local_pairs, reduction="sum"))
-            self.micro_batches_per_step = len(batch_samples) * self.accelerator.num_processes
+            self.pairs_per_step = self.step_totals(batch_samples, lambda batch: [len(batch["sample_id"])])[0]
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

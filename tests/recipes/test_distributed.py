@@ -136,6 +136,31 @@ def test_pairs_of_an_epoch_that_does_not_divide_train_once_and_weigh_the_same(tm
         assert sorted(i for ids in epoch for i in ids) == list(range(14))
 
 
+def test_multitask_heads_weigh_each_labelled_item_the_same_across_ranks(tmp_path):
+    """Three heads on 14 partially labelled records, 2 ranks x batch 2 x 2 accumulation steps (an uneven last step of
+    each epoch): the same losses as one process with batch 8, each head's loss a mean over the step's items."""
+    import random
+
+    from tests.recipes.test_multitask import multitask_config, synthetic_record
+
+    rng = random.Random(0)
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(synthetic_record(rng, i)) + "\n" for i in range(14)), encoding="utf-8")
+    losses = {}
+    for name, args, train in (("one_batch", (), {"batch_size": 8}),
+                              ("ddp", ("--nproc", "2"), {"batch_size": 2, "grad_accum_steps": 2})):
+        (tmp_path / name).mkdir()
+        config = multitask_config(tmp_path / name, data, {"preset": "tiny-qwen2"}, {"type": "full"}, max_steps=4,
+                                  logging_steps=1, eval_steps=None, **train)
+        text = config.read_text(encoding="utf-8").replace("validation_ratio: 0.25", "validation_ratio: 0.0")
+        config.write_text(text, encoding="utf-8")
+        result = dsft_train(config, *args)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses[name] = train_losses(tmp_path / name / "run")
+    assert list(losses["ddp"]) == [1, 2, 3, 4]
+    assert losses["ddp"] == pytest.approx(losses["one_batch"], rel=1e-4)
+
+
 def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
     config = make_config(tmp_path, tiny_data, **FULL_QWEN, train=STEPS)
     result = dsft_train(config, "--nproc", "2", env={"DSFT_TEST_FAIL_RANK": "1"})

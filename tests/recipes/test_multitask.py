@@ -212,3 +212,19 @@ def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, multitask_da
     keys = ("loss", *(f"loss_{head['name']}" for head in HEADS))
     logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, keys, "packing: each batch runs as one row")
     torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-4, atol=1e-6)
+
+
+def test_accumulated_micro_batches_equal_one_batch(tmp_path, multitask_data):
+    """Partially labelled records: batch 4 x 2 accumulation steps logs the losses of batch 8, each head's loss a
+    mean over the step's labelled items (MultitaskTrainer), not a mean of micro-batch means."""
+    losses = {}
+    for name, train in (("one_batch", {"batch_size": 8}), ("accumulated", {"batch_size": 4, "grad_accum_steps": 2})):
+        (tmp_path / name).mkdir()
+        path = multitask_config(tmp_path / name, multitask_data, {"preset": "tiny-qwen2"}, {"type": "full"},
+                                max_steps=3, logging_steps=1, eval_steps=None, **train)
+        result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name / "run") if "loss" in r]
+    assert len(losses["one_batch"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["accumulated"]), torch.tensor(losses["one_batch"]), rtol=1e-4,
+                               atol=1e-6)
