@@ -50,10 +50,13 @@ def body_of(model) -> torch.nn.Module:
     return model.base_model
 
 
-def _packs(attention_mask, position_ids, use_cache, kwargs) -> bool:
-    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or position_ids is not None:
+def _packs(kwargs: dict) -> bool:
+    """Whether a body call with these keyword arguments runs packed: a padded 2D attention mask, no position ids
+    of its own, no cache."""
+    attention_mask = kwargs.get("attention_mask")
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or kwargs.get("position_ids") is not None:
         return False
-    if use_cache or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+    if kwargs.get("use_cache") or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return False
     # A batch without padding gains nothing from packing.
     return not bool(attention_mask.all())
@@ -66,11 +69,17 @@ def pack_decoder(body: torch.nn.Module) -> None:
     padded_forward = body.forward
 
     @functools.wraps(type(body).forward)
-    def packed_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                       use_cache=None, **kwargs):
-        if not _packs(attention_mask, position_ids, use_cache, kwargs):
-            return padded_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    def packed_forward(self, *args, **kwargs):
+        if args[1:]:  # more than input_ids by position: the call is left as it is
+            return padded_forward(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        if not _packs(kwargs):
+            return padded_forward(**kwargs)
+        input_ids, inputs_embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+        attention_mask = kwargs.pop("attention_mask")
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
         real_RL = attention_mask.bool()
         outputs = padded_forward(
             input_ids=None if input_ids is None else input_ids[real_RL].unsqueeze(0),
