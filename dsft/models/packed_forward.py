@@ -30,7 +30,8 @@ def packed_positions(attention_mask_RL: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_tokens(values_1N: torch.Tensor, attention_mask_RL: torch.Tensor) -> torch.Tensor:
-    """values_RL... (per-token values of the packed row in the padded layout, zeros at padding); differentiable."""
+    """The per-token values of the packed row, (1, N, ...), in the padded layout (R, L, ...), zeros at padding;
+    differentiable."""
     real_RL = attention_mask_RL.bool()
     out_shape = (*real_RL.shape, *values_1N.shape[2:])
     expanded = real_RL.reshape(*real_RL.shape, *([1] * (values_1N.dim() - 2))).expand(out_shape)

@@ -26,13 +26,14 @@ _bounds_cache: tuple[weakref.ref, tuple | None] | None = None
 """(position ids tensor, its sequence bounds): every layer of one forward reads the same position ids."""
 
 
-def sequence_bounds(position_ids_BL: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+def sequence_bounds(position_ids: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, int] | None:
     """(cu_seqlens_S1 int32 over the flattened rows, longest sequence) when some row restarts its positions (holds
-    packed sequences), else None. Each row starts a sequence, and so does each position that is not its
-    predecessor + 1."""
+    packed sequences), else None. position_ids is (rows, L), or (1, L) shared by rows. Each row starts a sequence,
+    and so does each position that is not its predecessor + 1."""
     global _bounds_cache
-    if _bounds_cache is not None and _bounds_cache[0]() is position_ids_BL:
+    if _bounds_cache is not None and _bounds_cache[0]() is position_ids:
         return _bounds_cache[1]
+    position_ids_BL = position_ids.expand(rows or position_ids.shape[0], -1)
     starts_BL = torch.ones_like(position_ids_BL, dtype=torch.bool)
     starts_BL[:, 1:] = position_ids_BL[:, 1:] != position_ids_BL[:, :-1] + 1
     bounds = None
@@ -41,7 +42,7 @@ def sequence_bounds(position_ids_BL: torch.Tensor) -> tuple[torch.Tensor, int] |
         end = torch.tensor([position_ids_BL.numel()], device=position_ids_BL.device)
         cu_seqlens = torch.cat([start_indices, end]).to(torch.int32)
         bounds = (cu_seqlens, int(cu_seqlens.diff().max()))
-    _bounds_cache = (weakref.ref(position_ids_BL), bounds)
+    _bounds_cache = (weakref.ref(position_ids), bounds)
     return bounds
 
 
@@ -52,7 +53,7 @@ def varlen_attention_forward(module, query_BHLD, key_BHLD, value_BHLD, attention
 
     packed = (attention_mask is None and position_ids is not None and query_BHLD.shape[2] == key_BHLD.shape[2]
               and getattr(module, "is_causal", True))
-    bounds = sequence_bounds(position_ids.expand(query_BHLD.shape[0], -1)) if packed else None
+    bounds = sequence_bounds(position_ids, query_BHLD.shape[0]) if packed else None
     if bounds is None:
         return sdpa_attention_forward(module, query_BHLD, key_BHLD, value_BHLD, attention_mask, scaling=scaling,
                                       dropout=dropout, position_ids=position_ids, **kwargs)

@@ -20,6 +20,8 @@ def test_bounds_start_at_each_row_and_each_restart():
     assert cu_seqlens.tolist() == [0, 3, 5, 7, 10] and cu_seqlens.dtype == torch.int32 and longest == 3
     assert sequence_bounds(torch.tensor([[0, 1, 2], [0, 1, 2]])) is None  # one sequence a row: sdpa runs
     assert sequence_bounds(torch.tensor([[3, 4, 5]])) is None  # a left-padded row's positions need not start at 0
+    shared = torch.tensor([[0, 1, 0]])  # (1, L) position ids shared by 2 rows, as transformers passes them
+    assert sequence_bounds(shared, rows=2)[0].tolist() == [0, 2, 3, 5, 6]
 
 
 def samples(tokenizer) -> list[dict]:
