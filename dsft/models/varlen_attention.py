@@ -15,6 +15,8 @@ each hold one sequence from position 0 (no restart), or that decodes against a c
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 
 import torch
@@ -59,13 +61,22 @@ def varlen_attention_forward(module, query_BHLD, key_BHLD, value_BHLD, attention
                                       dropout=dropout, position_ids=position_ids, **kwargs)
     cu_seqlens, longest = bounds
     window = getattr(module, "sliding_window", None)
-    if _kernel_applies(query_BHLD, dropout):
+    if _kernel_applies(query_BHLD, dropout, window):
         return _varlen_kernel(query_BHLD, key_BHLD, value_BHLD, cu_seqlens, longest, scaling, window), None
     return _per_sequence_sdpa(query_BHLD, key_BHLD, value_BHLD, cu_seqlens, scaling, dropout, window), None
 
 
-def _kernel_applies(query_BHLD: torch.Tensor, dropout: float) -> bool:
-    return query_BHLD.is_cuda and query_BHLD.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+def _kernel_applies(query_BHLD: torch.Tensor, dropout: float, window) -> bool:
+    if not (query_BHLD.is_cuda and query_BHLD.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0):
+        return False
+    from torch.nn.attention.varlen import varlen_attn
+
+    return not window or "window_size" in _parameters_of(varlen_attn)
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters_of(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
 
 
 def _flat(tensor_BHLD: torch.Tensor) -> torch.Tensor:
@@ -75,16 +86,31 @@ def _flat(tensor_BHLD: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen_kernel(query_BHLD, key_BHLD, value_BHLD, cu_seqlens, longest: int, scaling, window):
+    """varlen_attn over the flattened rows, adapted to the signature of the installed torch: torch 2.10 takes
+    is_causal and neither a scale, a window nor fewer key heads; 2.11 adds scale and window_size; 2.12 enable_gqa."""
     from torch.nn.attention.varlen import varlen_attn
 
-    batch, heads, length, _ = query_BHLD.shape
+    batch, heads, length, head_dim = query_BHLD.shape
     value_dim = value_BHLD.shape[-1]
-    value_NHD = _flat(value_BHLD)
-    if value_dim != query_BHLD.shape[-1]:  # MLA (DeepSeek V2/V3): flash kernels need one head size; pad v, cut back
-        value_NHD = torch.nn.functional.pad(value_NHD, (0, query_BHLD.shape[-1] - value_dim))
-    out_NHD = varlen_attn(_flat(query_BHLD), _flat(key_BHLD), value_NHD, cu_seqlens, cu_seqlens, longest, longest,
-                          scale=scaling, window_size=(window - 1 if window else -1, 0),
-                          enable_gqa=key_BHLD.shape[1] != heads)
+    accepts = _parameters_of(varlen_attn)
+    query_NHD, key_NHD, value_NHD = _flat(query_BHLD), _flat(key_BHLD), _flat(value_BHLD)
+    if value_dim != head_dim:  # MLA (DeepSeek V2/V3): flash kernels need one head size; pad v, cut back
+        value_NHD = torch.nn.functional.pad(value_NHD, (0, head_dim - value_dim))
+    options = {}
+    if key_NHD.shape[1] != heads and "enable_gqa" in accepts:
+        options["enable_gqa"] = True
+    elif key_NHD.shape[1] != heads:
+        repeats = heads // key_NHD.shape[1]
+        key_NHD, value_NHD = key_NHD.repeat_interleave(repeats, 1), value_NHD.repeat_interleave(repeats, 1)
+    if "scale" in accepts:
+        options["scale"] = scaling
+    elif scaling is not None:  # the kernel's own scale is head_dim ** -0.5
+        query_NHD = query_NHD * (scaling * head_dim ** 0.5)
+    if "window_size" in accepts:
+        options["window_size"] = (window - 1 if window else -1, 0)
+    else:
+        options["is_causal"] = True
+    out_NHD = varlen_attn(query_NHD, key_NHD, value_NHD, cu_seqlens, cu_seqlens, longest, longest, **options)
     return out_NHD[..., :value_dim].reshape(batch, length, heads, value_dim)
 
 

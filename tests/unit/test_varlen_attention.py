@@ -108,6 +108,46 @@ def test_speed_plan_picks_a_varlen_kernel_for_packed_rows_on_cuda(tokenizer, mon
     assert resolve_speed_plan(TrainConfig(), model, cuda=True).attention is None
 
 
+def _sequences_attention(query_NHD, key_NHD, value_NHD, cu_seqlens, scale, causal: bool, gqa: bool):
+    """What varlen_attn computes, for the stand-ins below: SDPA on each sequence of the flattened tokens."""
+    outputs = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query_NHD, key_NHD, value_NHD))
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                        enable_gqa=gqa).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def torch_2_10_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert key.shape[1] == query.shape[1] and value.shape[-1] == query.shape[-1]  # one head count, one head size
+    return _sequences_attention(query, key, value, cu_seq_q, None, is_causal, False)
+
+
+def torch_2_12_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size == (-1, 0) and value.shape[-1] == query.shape[-1]
+    assert enable_gqa or key.shape[1] == query.shape[1]
+    return _sequences_attention(query, key, value, cu_seq_q, scale, True, enable_gqa)
+
+
+@pytest.mark.parametrize("kernel", [torch_2_10_varlen, torch_2_12_varlen])
+@pytest.mark.parametrize("value_dim, key_heads", [(32, 2), (16, 4)])  # GQA; MLA's narrower value heads
+def test_the_kernel_call_fits_each_torch_signature(monkeypatch, kernel, value_dim, key_heads):
+    """How the flash kernel is called (scale, causal window, fewer key heads, narrower values) for torch 2.10's
+    signature and 2.12's, checked on CPU against the per-sequence fallback with stand-ins that compute what the
+    kernel computes; the flash kernel itself runs in the gpu test below."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", kernel)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 20, 32, generator=generator)
+    key = torch.randn(2, key_heads, 20, 32, generator=generator)
+    value = torch.randn(2, key_heads, 20, value_dim, generator=generator)
+    cu_seqlens = torch.tensor([0, 7, 20, 33, 40], dtype=torch.int32)
+    actual = varlen_attention._varlen_kernel(query, key, value, cu_seqlens, 13, 0.1, None)
+    torch.testing.assert_close(actual, _per_sequence_sdpa(query, key, value, cu_seqlens, 0.1, 0.0, None))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("value_dim, key_heads", [(32, 2), (16, 4)])  # GQA; MLA's narrower value heads
