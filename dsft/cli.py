@@ -221,11 +221,13 @@ def bench(
     setup: Annotated[list[str] | None, typer.Option(help="Only this setup, by name or letter a-d (repeatable).")] = None,
     output: Annotated[Path | None, typer.Option(help="JSON report; default benchmarks/results/bench_SUITE.json.")] = None,
     longest: Annotated[bool, typer.Option(help="Also search the longest single sequence each recipe trains (GPU).")] = False,
+    profile: Annotated[bool, typer.Option(help="Also profile each recipe's measured steps in a second run: where "
+                                               "the time goes (matmul, attention, loss, ...) and what limits it.")] = False,
 ) -> None:
     """Time B0 (transformers + PEFT), B1 (TRL) and dsft on the same data; refuse any speed whose loss is off."""
     from dsft.bench.run import run_bench
 
-    run_bench(suite, output, setup, longest)
+    run_bench(suite, output, setup, longest, profile=profile)
 
 
 @app.command()

@@ -13,12 +13,13 @@ same samples, same optimizer settings) and returning what it measured.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import tempfile
 from pathlib import Path
 
-from dsft.bench import measure
+from dsft.bench import measure, profile
 from dsft.bench.suites import Setup
 
 PAD_ID = 0
@@ -38,6 +39,8 @@ class RecipeRun:
     """torch.cuda.max_memory_allocated over the recipe (model, optimizer, activations); None on CPU."""
     settings: dict
     longest_tokens: int | None = None
+    profile: dict | None = None
+    """Where the measured steps spent their time (bench.profile.summarize), in a run under profiling()."""
 
 
 def build_model(setup: Setup, seed: int):
@@ -168,13 +171,30 @@ def _train_and_measure(trainer, setup: Setup, settings: dict) -> RecipeRun:
     trainer.data_collator = counter
     meter = measure.step_meter(setup.warmup_steps)
     trainer.add_callback(meter)
+    profiler = profile.step_profiler(setup.warmup_steps + 1) if _profiling.get() else None
+    if profiler is not None:
+        trainer.add_callback(profiler)
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     measured = measure.measured_steps(trainer.state.log_history, meter.ends_s, counter.batches, setup.warmup_steps,
                                       setup.shape, setup.method)
     peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None
-    return RecipeRun(measured, peak, settings)
+    return RecipeRun(measured, peak, settings, profile=profiler.summary if profiler is not None else None)
+
+
+_profiling = contextvars.ContextVar("dsft_bench_profiling", default=False)
+"""Set by profiling(): recipes run now profile their measured steps."""
+
+
+@contextlib.contextmanager
+def profiling():
+    """Within it, each recipe run profiles its measured steps (RecipeRun.profile)."""
+    token = _profiling.set(True)
+    try:
+        yield
+    finally:
+        _profiling.reset(token)
 
 
 def release_memory() -> None:

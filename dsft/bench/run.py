@@ -23,9 +23,10 @@ SEED = 0
 
 
 def run_bench(suite: str, output: Path | None = None, setups: list[str] | None = None, longest: bool = False,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, profile: bool = False) -> dict:
     """Run suite (tiny or h100), optionally only the setups named (or their letters: a, b, c, d); print the table and
-    write the JSON (default benchmarks/results/bench_<suite>.json). Returns the report.
+    write the JSON (default benchmarks/results/bench_<suite>.json). Returns the report. With profile, each recipe
+    runs once more under torch.profiler (bench/profile.py), after its timed run.
 
     Raises DsftError for an unknown suite or setup, and for longest without CUDA.
     """
@@ -40,13 +41,15 @@ def run_bench(suite: str, output: Path | None = None, setups: list[str] | None =
         for recipe in ORDER:
             for setup in chosen:
                 console.print(f"bench: {setup.name}: {recipe}")
-                runs[setup.name, recipe] = _run_one(recipe, setup, work_dir, longest)
+                runs[setup.name, recipe] = _run_one(recipe, setup, work_dir, longest, profile)
     report = _report(suite, chosen, runs)
     console.print(_table(report))
     for setup in report["setups"]:
         for recipe, row in setup["recipes"].items():
             if row["status"] != "ok":
                 console.print(f"bench: {setup['name']} {recipe} {row['status']}: {row['reason']}")
+            if row.get("profile"):
+                console.print(_profile_line(setup["name"], recipe, row["profile"]))
     path = output or Path("benchmarks/results") / f"bench_{suite}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -68,7 +71,7 @@ def _chosen(suite: str, names: list[str] | None) -> list[Setup]:
     return chosen
 
 
-def _run_one(recipe: str, setup: Setup, work_dir: Path, longest: bool) -> dict:
+def _run_one(recipe: str, setup: Setup, work_dir: Path, longest: bool, profile: bool) -> dict:
     """One recipe on one setup; a failure (out of memory, an error in a library) is recorded, not raised."""
     import torch
 
@@ -76,6 +79,10 @@ def _run_one(recipe: str, setup: Setup, work_dir: Path, longest: bool) -> dict:
         run = recipes.RECIPES[recipe](setup, synthetic_samples(setup, SEED), SEED, work_dir)
         if longest:
             run.longest_tokens = _longest(recipe, setup, work_dir)
+        if profile:
+            recipes.release_memory()
+            with recipes.profiling():
+                run.profile = recipes.RECIPES[recipe](setup, synthetic_samples(setup, SEED), SEED, work_dir).profile
         return {"run": run}
     except torch.OutOfMemoryError as exc:
         return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
@@ -155,7 +162,7 @@ def _recipe_report(outcome: dict) -> dict:
     return {"status": "ok", "tokens_per_s": measured.tokens_per_s, "real_tokens": measured.real_tokens,
             "seconds": measured.seconds, "peak_gib": run.peak_gib, **measure.mfu(flops_per_s),
             "mean_loss": measured.mean_loss, "losses": measured.losses, "grad_norms": measured.grad_norms,
-            "longest_tokens": run.longest_tokens, "settings": run.settings}
+            "longest_tokens": run.longest_tokens, "settings": run.settings, "profile": run.profile}
 
 
 def _apply_gate(row: dict) -> None:
@@ -189,6 +196,12 @@ def _table(report: dict) -> Table:
                           _number(row.get("mean_loss"), ".4f"), _number(row.get("longest_tokens"), ","),
                           row["status"])
     return table
+
+
+def _profile_line(setup: str, recipe: str, summary: dict) -> str:
+    shares = ", ".join(f"{label} {share:.0%}" for label, share in summary["categories"].items())
+    busy = f", GPU busy {summary['busy_fraction']:.0%}" if summary["busy_fraction"] is not None else ""
+    return f"profile {setup} {recipe}: limited by {summary['limited_by']}; {shares}{busy}"
 
 
 def _number(value, spec: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from dsft.cli import app
@@ -25,3 +26,18 @@ def test_bench_tiny_runs_every_recipe_behind_the_gate(tmp_path):
         assert "chunked loss on" in rows["dsft"]["settings"]["speed_plan"]
     moe = report["setups"][1]["recipes"]
     assert "experts grouped_mm" in moe["dsft"]["settings"]["speed_plan"] and moe["B0"]["settings"]["experts"] == "grouped_mm"
+
+
+def test_bench_profile_says_where_each_recipes_measured_steps_spend_their_time(tmp_path):
+    out = tmp_path / "bench_tiny.json"
+    result = CliRunner().invoke(app, ["bench", "--suite", "tiny", "--setup", "a", "--profile", "--output", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text(encoding="utf-8"))["setups"][0]["recipes"]
+    for recipe, row in rows.items():
+        profile = row["profile"]
+        assert profile["device"] == "cpu" and profile["busy_fraction"] is None
+        assert sum(profile["categories"].values()) == pytest.approx(1.0)
+        assert profile["categories"]["matmul"] > 0.05 and profile["categories"]["attention"] > 0
+        assert any(top["name"] == "aten::mm" for top in profile["top"])
+        assert f"profile a-tiny-lora {recipe}: limited by {profile['limited_by']}" in result.output
