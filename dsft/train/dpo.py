@@ -51,6 +51,7 @@ from dsft.train.loop import (
     run_summary,
     save_model,
     train_guarded,
+    use_packed_attention,
 )
 from dsft.train.packed_pairs import pack_trainer_forwards
 from dsft.train.trl_stage import (
@@ -206,8 +207,9 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     if config.train.packing:
         # TRL's DPOConfig.padding_free is switched off in TRL 1.16: each batch is packed under TRL's loss instead.
         pack_trainer_forwards(trainer)
+        attention = use_packed_attention(config, *[m for m in (trainer.model, trainer.ref_model) if m is not None])
         console.print(f"packing: each batch of {config.train.batch_size} pairs runs as one row of its chosen and "
-                      "rejected sequences, no padding")
+                      f"rejected sequences, no padding ({attention})")
     guards.progress.status_keys = {"rewards/margins": "margin", "rewards/accuracies": "acc"}
     return trainer, guards
 

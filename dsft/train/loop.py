@@ -181,16 +181,22 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
 
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
     """Run each padded batch of model (and more_models) packed through the model body, with the packed-row attention
-    kernel where one applies (kernels.packed_attention), and say so."""
+    kernel where one applies, and say so."""
+    for packed in (model, *more_models):
+        pack_model(packed)
+    console.print(f"packing: {what} runs as one row of its real tokens through the model body "
+                  f"({use_packed_attention(config, model, *more_models)})")
+
+
+def use_packed_attention(config: RunConfig, *models) -> str:
+    """Put the packed-row attention kernel (kernels.packed_attention) on models where one applies; returns what was
+    chosen, for the log ("attention varlen", "attention unchanged: no CUDA: ...")."""
     import torch
 
     attention, reason = packed_attention(True, config.model.attn_implementation, torch.cuda.is_available())
-    for packed in (model, *more_models):
-        pack_model(packed)
-        if attention is not None:
-            set_attention(packed, attention)
-    console.print(f"packing: {what} runs as one row of its real tokens through the model body "
-                  f"(attention {attention or 'unchanged: ' + reason})")
+    for model in models if attention is not None else ():
+        set_attention(model, attention)
+    return f"attention {attention}" if attention is not None else f"attention unchanged: {reason}"
 
 
 def checkpoint_to_resume(run_dir: Path, console: Console) -> Path:

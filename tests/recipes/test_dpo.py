@@ -145,6 +145,8 @@ def test_packed_dpo_logs_the_padded_runs_losses_and_margins(tmp_path, preference
         result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert ("packing: each batch of 8 pairs runs as one row" in result.output) == packing
+        # The packed-row attention kernel needs CUDA: on CPU the model's own (sdpa, block-diagonal mask) stays.
+        assert ("(attention unchanged: no CUDA: the block-diagonal mask)" in result.output) == packing
         run_dir = tmp_path / f"packing_{packing}" / "run"
         assert json.loads((run_dir / "summary.json").read_text())["packing"] == packing
         logs[packing] = [(r["loss"], r["rewards/margins"]) for r in read_metrics(run_dir) if "rewards/margins" in r]
