@@ -446,6 +446,7 @@ def _summary(config: RunConfig, records: list[dict], stats: DataStats, counts, s
                "first_value_loss": records[0]["value_loss"] if records else None,
                "wall_time_s": round(time.perf_counter() - started_s, 2), "peak_memory": rd.peak_memory_bytes(),
                "trainable_parameters": counts.trainable, "total_parameters": counts.total,
-               "packing": config.train.packing, "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."), "data": dataclasses.asdict(stats)}
+               "packing": config.train.packing, "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
+               "data": dataclasses.asdict(stats)}
     summary.update(reward_summary(records, [c.name for c in components]))
     return summary

@@ -61,8 +61,8 @@ def logs_with_and_without_packing(tmp_path: Path, monkeypatch, config_for, keys:
         directory = tmp_path / f"packing_{packing}"
         directory.mkdir()
         packed_batches = []
-        monkeypatch.setattr(packed_forward, "packed_positions", lambda mask, count=packed_forward.packed_positions:
-                            packed_batches.append(1) or count(mask))
+        monkeypatch.setattr(packed_forward, "packed_positions", lambda mask, seen=packed_batches,
+                            count=packed_forward.packed_positions: seen.append(1) or count(mask))
         result = CliRunner().invoke(app, ["train", str(config_for(directory, packing))], catch_exceptions=False)
         monkeypatch.undo()
         assert result.exit_code == 0, result.output

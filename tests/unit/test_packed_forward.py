@@ -84,7 +84,7 @@ def test_packed_forward_equals_padded(tokenizer, monkeypatch, kind, preset, atte
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     assert grads.keys() == expected_grads.keys() and grads
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_generation_and_unpadded_batches_run_unpacked(tokenizer, monkeypatch):
