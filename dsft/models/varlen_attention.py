@@ -31,7 +31,8 @@ _bounds_cache: tuple[weakref.ref, tuple | None] | None = None
 def sequence_bounds(position_ids: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, int] | None:
     """(cu_seqlens_S1 int32 over the flattened rows, longest sequence) when some row restarts its positions (holds
     packed sequences), else None. position_ids is (rows, L), or (1, L) shared by rows. Each row starts a sequence,
-    and so does each position that is not its predecessor + 1."""
+    and so does each position that is not its predecessor + 1. (transformers' prepare_fa_kwargs_from_position_ids
+    starts sequences only where the smallest position recurs, so it cannot tell packed rows from left-padded ones.)"""
     global _bounds_cache
     if _bounds_cache is not None and _bounds_cache[0]() is position_ids:
         return _bounds_cache[1]

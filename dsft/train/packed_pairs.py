@@ -20,6 +20,8 @@ import types
 
 import torch
 
+from dsft.models.packed_forward import packed_positions, unpack_tokens
+
 IGNORE_INDEX = -100
 
 
@@ -27,7 +29,7 @@ def pack_rows(input_ids_RL: torch.Tensor, attention_mask_RL: torch.Tensor, label
     """(input_ids_1N, position_ids_1N, labels_1N): the real (mask 1, right-padded) tokens of every row back to back,
     positions restarting at each row, the first label of each row ignored (it would be predicted from the row before)."""
     real_RL = attention_mask_RL.bool()
-    position_ids_1N = (real_RL.long().cumsum(dim=1) - 1)[real_RL].unsqueeze(0)
+    position_ids_1N = packed_positions(attention_mask_RL)
     labels_1N = labels_RL[real_RL].unsqueeze(0).masked_fill(position_ids_1N == 0, IGNORE_INDEX)
     return input_ids_RL[real_RL].unsqueeze(0), position_ids_1N, labels_1N
 
@@ -35,10 +37,9 @@ def pack_rows(input_ids_RL: torch.Tensor, attention_mask_RL: torch.Tensor, label
 def unpack_per_token(values_1M: torch.Tensor, attention_mask_RL: torch.Tensor) -> torch.Tensor:
     """Per-token values of the packed row (M = N - 1 next-token predictions) in the padded (R, L - 1) layout,
     zero where the padded forward has no label; differentiable (masked_scatter)."""
-    real_RL = attention_mask_RL.bool()
     # Packed prediction p reads token p + 1; appending one value makes index p line up with token p of its row.
-    values_N = torch.cat([values_1M[0], values_1M.new_zeros(1)])
-    return values_1M.new_zeros(real_RL.shape).masked_scatter(real_RL, values_N)[:, :-1]
+    values_1N = torch.cat([values_1M, values_1M.new_zeros(1, 1)], dim=1)
+    return unpack_tokens(values_1N, attention_mask_RL)[:, :-1]
 
 
 def pack_padded_forward(model) -> None:

@@ -14,6 +14,8 @@ from dsft.models.kernels import resolve_speed_plan
 from dsft.models.presets import build_preset
 from dsft.models.varlen_attention import register_varlen_attention, sequence_bounds
 
+_per_sequence_sdpa = varlen_attention._per_sequence_sdpa  # the fallback itself, before any test patches it
+
 
 def test_bounds_start_at_each_row_and_each_restart():
     cu_seqlens, longest = sequence_bounds(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]))
@@ -59,8 +61,8 @@ def test_packed_rows_under_varlen_equal_the_mask_and_padding(tokenizer, monkeypa
     mask_loss, mask_grads = loss_and_grads(model, packed)
     model.set_attn_implementation(register_varlen_attention())
     sequences = []
-    monkeypatch.setattr(varlen_attention, "_per_sequence_sdpa",
-                        lambda q, k, v, cu, *rest: sequences.append(len(cu) - 1) or _per_sequence_sdpa(q, k, v, cu, *rest))
+    monkeypatch.setattr(varlen_attention, "_per_sequence_sdpa", lambda q, k, v, cu, *rest:
+                        sequences.append(len(cu) - 1) or _per_sequence_sdpa(q, k, v, cu, *rest))
     loss, grads = loss_and_grads(model, packed)
     assert sequences and set(sequences) == {6}  # in every layer: the 5 samples and the padding of row 2
     for expected_loss, expected_grads in ((mask_loss, mask_grads), (padded_loss, padded_grads)):
@@ -69,9 +71,6 @@ def test_packed_rows_under_varlen_equal_the_mask_and_padding(tokenizer, monkeypa
         for name in grads:
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
-
-
-_per_sequence_sdpa = varlen_attention._per_sequence_sdpa
 
 
 def test_padded_batches_and_generation_run_sdpa(tokenizer, monkeypatch):
