@@ -8,8 +8,11 @@ rendered by the deepseek_v3 template with a byte-level BPE tokenizer trained her
 
 The baseline is the loop a script without a server would run: `generate` for one prompt after another (batch 1,
 the same decode settings). Then the server (uvicorn in a thread on a loopback port, the response cache off) gets
-requests from N client threads, each sending its requests one after another; tokens/s counts the completion tokens
-the server reports (usage) over the wall time of the whole level.
+requests from N concurrent clients, each sending its requests one after another; tokens/s counts the completion
+tokens the server reports (usage) over the wall time of the whole level. Clients stream (--no-stream: plain
+requests), so each level also records what a client sees: time to first token (request sent to the first chunk of
+generated text) and per-token latency ((last chunk - first chunk) / (tokens - 1)), median and 95th percentile.
+The JSON is rewritten after the baseline and after each level, so a run cut short keeps what it measured.
 
 Run (CPU):  python benchmarks/serve_throughput.py --shape tiny-deepseek-v3 --clients 1,8,32
 Run (GPU):  python benchmarks/serve_throughput.py --shape deepseek-r1-distill-qwen-1.5b --clients 1,8,32,64 \
@@ -60,8 +63,16 @@ def build(shape: str, seed: int = 0):
         if shape not in PUBLISHED_SHAPES:
             raise SystemExit(f"unknown shape {shape!r}; allowed: {', '.join((*PRESET_NAMES, *PUBLISHED_SHAPES))}")
         model = build_model(Setup(shape, shape, PUBLISHED_SHAPES[shape], "full", 16, 64, 0, 0), seed)
+        cover_vocabulary(tokenizer, model.config.vocab_size)
     model.eval()
     return model, tokenizer, sum(p.numel() for p in model.parameters())
+
+
+def cover_vocabulary(tokenizer, vocab_size: int) -> None:
+    """Give every id of a published shape's vocabulary (151,936 for Qwen2) a text: the tokenizer trained here knows a
+    few hundred, a random-init model samples from all, and the ids it does not know decode to nothing, so a streamed
+    reply would carry almost no text and its first-token time would be the first known id's."""
+    tokenizer.add_tokens([f" t{index}" for index in range(len(tokenizer), vocab_size)])
 
 
 def loop_baseline(model, tokenizer, prompts: list[str], max_tokens: int) -> dict:
@@ -92,37 +103,66 @@ def _generate_one(model, tokenizer, ids: list[int], settings) -> int:
     return new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
 
 
-def client_level(url: str, clients: int, prompts: list[str], max_tokens: int) -> dict:
+def client_level(url: str, clients: int, prompts: list[str], max_tokens: int, stream: bool = True) -> dict:
     """clients concurrent clients, each sending its share of prompts one after another, from a process of their own
-    (clients in the server's process would take its interpreter lock from it); counts, wall time, latencies."""
+    (clients in the server's process would take its interpreter lock from it); counts, wall time, latencies, and for
+    streamed requests the time to first token and the per-token latency each client saw."""
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        wall_s, results = pool.submit(run_clients, url, clients, prompts, max_tokens).result()
-    latencies_ms = sorted(latency * 1000 for latency, _ in results)
-    tokens = sum(count for _, count in results)
-    return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "wall_s": round(wall_s, 3),
-            "tokens_per_s": round(tokens / wall_s, 1), "requests_per_s": round(len(results) / wall_s, 2),
-            "latency_p50_ms": round(statistics.median(latencies_ms), 1),
-            "latency_p95_ms": round(latencies_ms[int(0.95 * (len(latencies_ms) - 1))], 1)}
+        wall_s, results = pool.submit(run_clients, url, clients, prompts, max_tokens, stream).result()
+    tokens = sum(result["tokens"] for result in results)
+    row = {"clients": clients, "requests": len(results), "stream": stream, "completion_tokens": tokens,
+           "wall_s": round(wall_s, 3), "tokens_per_s": round(tokens / wall_s, 1),
+           "requests_per_s": round(len(results) / wall_s, 2),
+           **percentiles_ms("latency", [result["latency_s"] for result in results]),
+           **percentiles_ms("ttft", [result["ttft_s"] for result in results if result["ttft_s"] is not None]),
+           **percentiles_ms("per_token", per_token_latencies_s(results))}  # both None for plain requests
+    return row
 
 
-def run_clients(url: str, clients: int, prompts: list[str], max_tokens: int) -> tuple[float, list]:
-    """(wall seconds, [(latency s, completion tokens)]) of clients asyncio tasks sharing prompts."""
+def per_token_latencies_s(results: list[dict]) -> list[float]:
+    """Each streamed request's mean gap between generated tokens: (last token - first token) / (tokens - 1)."""
+    return [(r["last_token_s"] - r["ttft_s"]) / (r["tokens"] - 1) for r in results
+            if r["ttft_s"] is not None and r["tokens"] >= 2]
+
+
+def percentiles_ms(name: str, values_s: list[float]) -> dict:
+    """{name_p50_ms, name_p95_ms} of values in seconds (None when there are none)."""
+    ordered = sorted(value * 1000 for value in values_s)
+    if not ordered:
+        return {f"{name}_p50_ms": None, f"{name}_p95_ms": None}
+    return {f"{name}_p50_ms": round(statistics.median(ordered), 2),
+            f"{name}_p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}
+
+
+def run_clients(url: str, clients: int, prompts: list[str], max_tokens: int, stream: bool) -> tuple[float, list]:
+    """(wall seconds, one dict per request: latency_s, tokens, and when streamed ttft_s and last_token_s, the times
+    of the first and last chunks that carried generated text) of clients asyncio tasks sharing prompts."""
     import asyncio
 
     import httpx
 
-    async def one_client(http, share: list[str]) -> list[tuple[float, int]]:
-        results = []
-        for prompt in share:
-            started_s = time.perf_counter()
-            response = await http.post(f"{url}/v1/chat/completions", json={
-                "model": "bench", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": max_tokens})
+    async def one_request(http, prompt: str) -> dict:
+        body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": max_tokens}
+        started_s = time.perf_counter()
+        if not stream:
+            response = await http.post(f"{url}/v1/chat/completions", json=body)
             response.raise_for_status()
-            results.append((time.perf_counter() - started_s, response.json()["usage"]["completion_tokens"]))
-        return results
+            tokens = response.json()["usage"]["completion_tokens"]
+            latency_s = time.perf_counter() - started_s
+            return {"latency_s": latency_s, "tokens": tokens, "ttft_s": None, "last_token_s": None}
+        result = {"ttft_s": None, "last_token_s": None, "tokens": 0}
+        body.update(stream=True, stream_options={"include_usage": True})
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                read_event(line, time.perf_counter() - started_s, result)
+        return {**result, "latency_s": time.perf_counter() - started_s}
+
+    async def one_client(http, share: list[str]) -> list[dict]:
+        return [await one_request(http, prompt) for prompt in share]
 
     async def everyone() -> list:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -133,6 +173,21 @@ def run_clients(url: str, clients: int, prompts: list[str], max_tokens: int) -> 
     started_s = time.perf_counter()
     results = asyncio.run(everyone())
     return time.perf_counter() - started_s, results
+
+
+def read_event(line: str, elapsed_s: float, result: dict) -> None:
+    """Fold one server-sent-event line of a streamed chat completion into result: the first and last times a chunk
+    carried generated text (answer or reasoning), and the completion tokens of the closing usage chunk."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return
+    chunk = json.loads(line[len("data: "):])
+    if "error" in chunk:
+        raise RuntimeError(f"the server failed a streamed request: {chunk['error']}")
+    if chunk.get("usage"):
+        result["tokens"] = chunk["usage"]["completion_tokens"]
+    if any(choice["delta"].get("content") or choice["delta"].get("reasoning_content") for choice in chunk["choices"]):
+        result["ttft_s"] = elapsed_s if result["ttft_s"] is None else result["ttft_s"]
+        result["last_token_s"] = elapsed_s
 
 
 SERVER_SERIES = ("dsft_serve_batch_size_sum", "dsft_serve_batch_size_count", "dsft_serve_step_latency_seconds_sum",
@@ -159,7 +214,8 @@ def batching_row(before: dict, after: dict) -> dict:
             "batch_limit_at_end": after.get("dsft_serve_batch_limit")}
 
 
-def serve_levels(model, tokenizer, args, levels: list[int]) -> list[dict]:
+def serve_levels(model, tokenizer, args, levels: list[int], keep) -> None:
+    """Serve the model and measure each level of clients; keep(row) gets each level's row as soon as it is done."""
     from dsft.config_serve import load_serve_config
     from dsft.serve.models import ServedModel, ServedModels
     from dsft.serve.server import create_app, serve_in_thread
@@ -169,17 +225,14 @@ def serve_levels(model, tokenizer, args, levels: list[int]) -> list[dict]:
                  "serve.batching.max_queue=100000", f"serve.batching.engine={args.engine}", *args.set]
     config = load_serve_config(None, overrides)
     served = ServedModels(model, tokenizer, [ServedModel("bench", None, TEMPLATE, f"random-init {args.shape}")])
-    rows = []
     with serve_in_thread(create_app(served, config)) as url:
-        client_level(url, 2, make_prompts(4, seed=99), args.max_tokens)  # warm-up
+        client_level(url, 2, make_prompts(4, seed=99), args.max_tokens, args.stream)  # warm-up
         for clients in levels:
             before = server_series(url)
-            row = client_level(url, clients, make_prompts(max(args.min_requests, clients * args.requests_per_client),
-                                                          seed=clients), args.max_tokens)
+            prompts = make_prompts(max(args.min_requests, clients * args.requests_per_client), seed=clients)
+            row = client_level(url, clients, prompts, args.max_tokens, args.stream)
             row.update(batching_row(before, server_series(url)))
-            rows.append(row)
-            print(json.dumps(row))
-    return rows
+            keep(row)
 
 
 def machine() -> dict:
@@ -206,22 +259,34 @@ def main() -> None:
     parser.add_argument("--engine", default="static", choices=["static", "continuous"])
     parser.add_argument("--set", action="append", default=[], help="serve config override, e.g. "
                         "serve.batching.target_latency_ms=100 (repeatable)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="clients stream their replies (time to first token and per-token latency measured "
+                        "as a client sees them); --no-stream sends plain requests")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     levels = [int(level) for level in args.clients.split(",")]
+    output = args.output or Path(__file__).parent / "results" / f"serve_throughput_{args.shape}_{args.engine}.json"
 
     model, tokenizer, parameters = build(args.shape)
     baseline = loop_baseline(model, tokenizer, make_prompts(args.baseline_requests, seed=7), args.max_tokens)
     print(json.dumps({"baseline_loop": baseline}))
-    rows = serve_levels(model, tokenizer, args, levels)
-    for row in rows:
-        row["speedup_vs_loop"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 2)
     report = {"shape": args.shape, "parameters": parameters, "engine": args.engine, "max_tokens": args.max_tokens,
-              "overrides": args.set, **machine(), "baseline_loop": baseline, "levels": rows}
-    output = args.output or Path(__file__).parent / "results" / f"serve_throughput_{args.shape}_{args.engine}.json"
+              "overrides": args.set, **machine(), "baseline_loop": baseline, "levels": []}
+    write_report(output, report)
+
+    def keep(row: dict) -> None:  # each finished level is on disk at once: a run cut short keeps what it measured
+        row["speedup_vs_loop"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 2)
+        report["levels"].append(row)
+        write_report(output, report)
+        print(json.dumps(row))
+
+    serve_levels(model, tokenizer, args, levels, keep)
+    print(json.dumps({level["clients"]: level["speedup_vs_loop"] for level in report["levels"]}), "->", output)
+
+
+def write_report(output: Path, report: dict) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({level["clients"]: level["speedup_vs_loop"] for level in rows}), "->", output)
 
 
 if __name__ == "__main__":

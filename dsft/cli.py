@@ -223,11 +223,13 @@ def bench(
     longest: Annotated[bool, typer.Option(help="Also search the longest single sequence each recipe trains (GPU).")] = False,
     profile: Annotated[bool, typer.Option(help="Also profile each recipe's measured steps in a second run: where "
                                                "the time goes (matmul, attention, loss, ...) and what limits it.")] = False,
+    row_tokens: Annotated[int | None, typer.Option(help="Tokens per packed row of B1 and dsft (default: the "
+                                                        "setup's longest sample); B0 accumulates to match.")] = None,
 ) -> None:
     """Time B0 (transformers + PEFT), B1 (TRL) and dsft on the same data; refuse any speed whose loss is off."""
     from dsft.bench.run import run_bench
 
-    run_bench(suite, output, setup, longest, profile=profile)
+    run_bench(suite, output, setup, longest, profile=profile, row_tokens=row_tokens)
 
 
 @app.command()

@@ -152,13 +152,14 @@ class Measured:
 
 
 def measured_steps(log_history: list[dict], ends_s: list[float], batches: list[list[int]], warmup_steps: int,
-                   shape: dict, method: str) -> Measured:
+                   shape: dict, method: str, batches_per_step: int = 1) -> Measured:
     """The steps after warmup_steps: their logged losses and gradient norms, wall time, real tokens and FLOPs
-    (batches[i] is step i + 1's batch; the data loader may have collated one more)."""
+    (step s accumulated batches[(s - 1) * batches_per_step : s * batches_per_step]; the data loader may have
+    collated more)."""
     logs = {record["step"]: record for record in log_history if "loss" in record}
     total = len(ends_s)
     steps = range(warmup_steps + 1, total + 1)
-    lengths = [n for step in steps for n in batches[step - 1]]
+    lengths = [n for batch in batches[warmup_steps * batches_per_step: total * batches_per_step] for n in batch]
     return Measured(
         losses=[logs[step]["loss"] for step in steps if step in logs],
         grad_norms=[float(logs[step].get("grad_norm", math.nan)) for step in steps if step in logs],

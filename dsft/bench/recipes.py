@@ -75,11 +75,13 @@ def run_b0(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     if setup.method == "lora":
         model = get_peft_model(model, lora_config(setup))
     args = TrainingArguments(output_dir=str(work_dir / "b0"), per_device_train_batch_size=B0_BATCH,
-                             remove_unused_columns=False, **common_arguments(setup, seed))
+                             gradient_accumulation_steps=setup.b0_accumulation, remove_unused_columns=False,
+                             **common_arguments(setup, seed))
     trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=pad_batch)
-    settings = {"batching": f"padded batches of {B0_BATCH}", "loss": "model's own (full logits)",
+    accumulated = f", {setup.b0_accumulation} accumulated per step" if setup.b0_accumulation > 1 else ""
+    settings = {"batching": f"padded batches of {B0_BATCH}{accumulated}", "loss": "model's own (full logits)",
                 "experts": _experts(model), "optimizer": args.optim}
-    return _train_and_measure(trainer, setup, settings)
+    return _train_and_measure(trainer, setup, settings, batches_per_step=setup.b0_accumulation)
 
 
 def run_b1(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> RecipeRun:
@@ -94,13 +96,13 @@ def run_b1(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
         model = get_peft_model(model, lora_config(setup))
     moe = "n_routed_experts" in setup.shape
     liger = _cuda() and importlib.util.find_spec("liger_kernel") is not None and not moe
-    args = SFTConfig(output_dir=str(work_dir / "b1"), per_device_train_batch_size=1, max_length=setup.max_tokens,
+    args = SFTConfig(output_dir=str(work_dir / "b1"), per_device_train_batch_size=1, max_length=setup.packed_row_tokens,
                      packing=True, packing_strategy="bfd", padding_free=True, use_liger_kernel=liger,
                      dataset_num_proc=None, **common_arguments(setup, seed))
     datasets.disable_progress_bars()
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(samples),
                          processing_class=_tokenizer(setup))
-    settings = {"batching": f"TRL bfd packing, padding-free rows of {setup.max_tokens} tokens",
+    settings = {"batching": f"TRL bfd packing, padding-free rows of {setup.packed_row_tokens} tokens",
                 "loss": "TRL chunked log-probs", "liger": liger, "experts": _experts(model), "optimizer": args.optim}
     return _train_and_measure(trainer, setup, settings)
 
@@ -122,7 +124,7 @@ def run_dsft(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Re
         "train": {"max_steps": setup.steps, "batch_size": 1, "learning_rate": LEARNING_RATES[setup.method],
                   "lr_scheduler": "constant", "gradient_checkpointing": setup.gradient_checkpointing,
                   "logging_steps": 1, "seed": seed, "tensorboard": False, "packing": True,
-                  "pack_tokens": setup.max_tokens, **dict(setup.dsft_train)},
+                  "pack_tokens": setup.packed_row_tokens, **dict(setup.dsft_train)},
         "output": {"dir": str(work_dir / "dsft")}})
     model = apply_method(build_model(setup, seed), config.method)
     plan = resolve_speed_plan(config.train, model)
@@ -131,7 +133,8 @@ def run_dsft(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Re
     rows = [{**sample, "sample_id": i} for i, sample in enumerate(samples)]
     trainer, guards = build_trainer(config, work_dir / "dsft", model, _tokenizer(setup), rows, [], Console(quiet=True),
                                     PackedCollator(PAD_ID), loss_chunk_tokens=plan.loss_chunk_tokens if plan.chunked_loss else None)
-    settings = {"batching": f"dsft bfd packing, padding-free rows of {setup.max_tokens} tokens", "speed_plan": plan.line()}
+    settings = {"batching": f"dsft bfd packing, padding-free rows of {setup.packed_row_tokens} tokens",
+                "speed_plan": plan.line()}
     try:
         return _train_and_measure(trainer, setup, settings)
     finally:
@@ -162,7 +165,7 @@ def pad_batch(samples: list[dict]) -> dict:
     return {"input_ids": padded("input_ids", PAD_ID), "attention_mask": mask, "labels": padded("labels", -100)}
 
 
-def _train_and_measure(trainer, setup: Setup, settings: dict) -> RecipeRun:
+def _train_and_measure(trainer, setup: Setup, settings: dict, batches_per_step: int = 1) -> RecipeRun:
     import torch
     from transformers import PrinterCallback
 
@@ -178,7 +181,7 @@ def _train_and_measure(trainer, setup: Setup, settings: dict) -> RecipeRun:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     measured = measure.measured_steps(trainer.state.log_history, meter.ends_s, counter.batches, setup.warmup_steps,
-                                      setup.shape, setup.method)
+                                      setup.shape, setup.method, batches_per_step)
     peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None
     return RecipeRun(measured, peak, settings, profile=profiler.summary if profiler is not None else None)
 

@@ -20,28 +20,33 @@ from dsft.errors import DsftError
 
 ORDER = ("B0", "B1", "dsft")
 SEED = 0
+NOT_RUN: dict = {}  # the outcome of a recipe a partial report has not reached yet
 
 
 def run_bench(suite: str, output: Path | None = None, setups: list[str] | None = None, longest: bool = False,
-              console: Console | None = None, profile: bool = False) -> dict:
+              console: Console | None = None, profile: bool = False, row_tokens: int | None = None) -> dict:
     """Run suite (tiny or h100), optionally only the setups named (or their letters: a, b, c, d); print the table and
     write the JSON (default benchmarks/results/bench_<suite>.json). Returns the report. With profile, each recipe
-    runs once more under torch.profiler (bench/profile.py), after its timed run.
+    runs once more under torch.profiler (bench/profile.py), after its timed run. row_tokens sets every chosen
+    setup's Setup.row_tokens (packed rows of B1 and dsft; B0 accumulates to match).
 
-    Raises DsftError for an unknown suite or setup, and for longest without CUDA.
+    Raises DsftError for an unknown suite or setup, for longest without CUDA, and for row_tokens below a setup's
+    longest sample.
     """
     import torch
 
     console = console or Console(width=200)  # the table's columns stay whole when piped to a log
-    chosen = _chosen(suite, setups)
+    chosen = _with_rows(_chosen(suite, setups), row_tokens)
     if longest and not torch.cuda.is_available():
         raise DsftError("dsft bench --longest searches for the out-of-memory length: it needs a CUDA GPU")
+    path = output or Path("benchmarks/results") / f"bench_{suite}.json"
     runs: dict[tuple[str, str], dict] = {}
     with recipes.work_directory() as work_dir:
         for recipe in ORDER:
             for setup in chosen:
                 console.print(f"bench: {setup.name}: {recipe}")
                 runs[setup.name, recipe] = _run_one(recipe, setup, work_dir, longest, profile)
+                _write(path, _report(suite, chosen, runs))  # a bench cut short (a time limit) keeps what it measured
     report = _report(suite, chosen, runs)
     console.print(_table(report))
     for setup in report["setups"]:
@@ -50,11 +55,14 @@ def run_bench(suite: str, output: Path | None = None, setups: list[str] | None =
                 console.print(f"bench: {setup['name']} {recipe} {row['status']}: {row['reason']}")
             if row.get("profile"):
                 console.print(_profile_line(setup["name"], recipe, row["profile"]))
-    path = output or Path("benchmarks/results") / f"bench_{suite}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _write(path, report)
     console.print(f"bench: wrote {path}")
     return report
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _chosen(suite: str, names: list[str] | None) -> list[Setup]:
@@ -69,6 +77,18 @@ def _chosen(suite: str, names: list[str] | None) -> list[Setup]:
     if unknown:
         raise DsftError(f"dsft bench --setup: unknown {sorted(unknown)}; {suite} has {', '.join(s.name for s in setups)}")
     return chosen
+
+
+def _with_rows(setups: list[Setup], row_tokens: int | None) -> list[Setup]:
+    import dataclasses
+
+    if row_tokens is None:
+        return setups
+    for setup in setups:
+        if row_tokens < setup.max_tokens:
+            raise DsftError(f"dsft bench --row-tokens {row_tokens}: a row must hold {setup.name}'s longest sample, "
+                            f"{setup.max_tokens} tokens; allowed: at least {setup.max_tokens}")
+    return [dataclasses.replace(setup, row_tokens=row_tokens) for setup in setups]
 
 
 def _run_one(recipe: str, setup: Setup, work_dir: Path, longest: bool, profile: bool) -> dict:
@@ -102,7 +122,8 @@ def _longest(recipe: str, setup: Setup, work_dir: Path) -> int:
     low, high = 0, setup.shape["max_position_embeddings"]
     while high - low > 256:
         length = (low + high) // 2 // 256 * 256 or 256
-        probe = dataclasses.replace(setup, max_tokens=length, mean_tokens=length, warmup_steps=0, measured_steps=1)
+        probe = dataclasses.replace(setup, max_tokens=length, mean_tokens=length, warmup_steps=0, measured_steps=1,
+                                    row_tokens=None)
         sample = synthetic_samples(probe, SEED)[0]
         sample = {"input_ids": (sample["input_ids"] * length)[:length], "labels": (sample["labels"] * length)[:length]}
         try:
@@ -131,7 +152,7 @@ def _report(suite: str, setups: list[Setup], runs: dict) -> dict:
 
 
 def _setup_report(setup: Setup, runs: dict) -> dict:
-    recipes_report = {recipe: _recipe_report(runs[setup.name, recipe]) for recipe in ORDER}
+    recipes_report = {recipe: _recipe_report(runs.get((setup.name, recipe), NOT_RUN)) for recipe in ORDER}
     b0 = recipes_report["B0"]
     if b0["status"] == "ok":
         b0["gate"] = measure.gate(b0["losses"], b0["grad_norms"], None)
@@ -149,11 +170,14 @@ def _setup_report(setup: Setup, runs: dict) -> dict:
             other = recipes_report[base]["tokens_per_s"]
             row[f"vs_{base}"] = row["tokens_per_s"] / other if row["tokens_per_s"] and other else None
     return {"name": setup.name, "model": setup.shape_name, "method": setup.method, "mean_tokens": setup.mean_tokens,
-            "max_tokens": setup.max_tokens, "warmup_steps": setup.warmup_steps, "measured_steps": setup.measured_steps,
+            "max_tokens": setup.max_tokens, "row_tokens": setup.packed_row_tokens,
+            "b0_accumulation": setup.b0_accumulation, "warmup_steps": setup.warmup_steps, "measured_steps": setup.measured_steps,
             "matmul_params": measure.matmul_params(setup.shape), "recipes": recipes_report}
 
 
 def _recipe_report(outcome: dict) -> dict:
+    if outcome is NOT_RUN:
+        return {"status": "not run", "reason": "the bench stopped before this recipe", "tokens_per_s": None}
     if "error" in outcome:
         return {"status": "failed", "reason": outcome["error"], "tokens_per_s": None}
     run = outcome["run"]

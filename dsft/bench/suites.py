@@ -67,10 +67,23 @@ class Setup:
     """For every recipe: where B0's padded batch would not fit on an 80 GB GPU without it."""
     dsft_train: tuple = ()
     """Extra train settings of the dsft recipe, as (key, value) pairs."""
+    row_tokens: int | None = None
+    """Tokens per packed row of B1 and dsft (None: max_tokens, what a padded batch of 4 holds). Larger rows give the
+    GPU bigger matmuls per step; B0 then accumulates b0_accumulation padded batches, so every recipe's optimizer step
+    still holds about the same samples and the gate compares like with like."""
 
     @property
     def steps(self) -> int:
         return self.warmup_steps + self.measured_steps
+
+    @property
+    def packed_row_tokens(self) -> int:
+        return self.row_tokens or self.max_tokens
+
+    @property
+    def b0_accumulation(self) -> int:
+        """Padded batches B0 accumulates per optimizer step: one per max_tokens of a packed row."""
+        return max(1, round(self.packed_row_tokens / self.max_tokens))
 
 
 def suite_setups(suite: str) -> list[Setup]:
@@ -111,9 +124,10 @@ def synthetic_samples(setup: Setup, seed: int = 0) -> list[dict]:
     zipf_V = 1.0 / torch.arange(1, vocab, dtype=torch.float64) ** 1.1
     sigma = 0.8  # a long tail of long samples, as chat data has
     mu = math.log(setup.mean_tokens) - sigma**2 / 2
-    needed_tokens = (setup.steps + 2) * max(setup.max_tokens, 4 * setup.mean_tokens) * 1.5
+    step_tokens = max(setup.packed_row_tokens, 4 * setup.mean_tokens * setup.b0_accumulation)
+    needed_tokens = (setup.steps + 2) * step_tokens * 1.5
     samples, total = [], 0
-    while total < needed_tokens or len(samples) < 4 * (setup.steps + 2):
+    while total < needed_tokens or len(samples) < 4 * setup.b0_accumulation * (setup.steps + 2):
         length = int(torch.empty(1).log_normal_(mu, sigma, generator=generator).clamp(8, setup.max_tokens))
         ids = (torch.multinomial(zipf_V, length, replacement=True, generator=generator) + 1).tolist()
         prompt = max(1, length // 4)

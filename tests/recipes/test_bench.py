@@ -41,3 +41,18 @@ def test_bench_profile_says_where_each_recipes_measured_steps_spend_their_time(t
         assert profile["categories"]["matmul"] > 0.05 and profile["categories"]["attention"] > 0
         assert any(top["name"] == "aten::mm" for top in profile["top"])
         assert f"profile a-tiny-lora {recipe}: limited by {profile['limited_by']}" in result.output
+
+
+def test_larger_packed_rows_keep_every_recipe_behind_the_gate(tmp_path):
+    out = tmp_path / "bench_rows.json"
+    result = CliRunner().invoke(app, ["bench", "--suite", "tiny", "--setup", "a", "--row-tokens", "128", "--output",
+                                      str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (setup,) = json.loads(out.read_text(encoding="utf-8"))["setups"]
+    assert (setup["row_tokens"], setup["b0_accumulation"]) == (128, 2)
+    rows = setup["recipes"]
+    assert rows["B0"]["settings"]["batching"] == "padded batches of 4, 2 accumulated per step"
+    assert rows["dsft"]["settings"]["batching"] == "dsft bfd packing, padding-free rows of 128 tokens"
+    for recipe, row in rows.items():
+        assert row["status"] == "ok", (recipe, row.get("reason"))
+        assert len(row["losses"]) == 3 and row["real_tokens"] > 3 * 64  # a step holds more than one 64-token row

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsft.bench.measure import gate, matmul_params, mfu, sample_flops, sample_lengths
+from dsft.bench.measure import gate, matmul_params, measured_steps, mfu, sample_flops, sample_lengths
 from dsft.bench.run import run_bench
 from dsft.bench.suites import PUBLISHED_SHAPES, suite_setups, synthetic_samples
 from dsft.errors import DsftError
@@ -79,3 +79,43 @@ def test_unknown_suite_or_setup_and_longest_without_cuda_are_user_errors(tmp_pat
     if not torch.cuda.is_available():
         with pytest.raises(DsftError, match="needs a CUDA GPU"):
             run_bench("tiny", tmp_path / "x.json", setups=["a"], longest=True)
+
+
+def test_a_bench_cut_short_leaves_the_recipes_it_finished_on_disk(tmp_path, monkeypatch):
+    from dsft.bench import run as bench_run
+
+    def one_recipe(recipe, setup, work_dir, longest, profile):
+        if recipe == "B1":
+            raise KeyboardInterrupt  # what a time limit's signal does in the middle of a recipe
+        return {"error": f"{recipe} broke"}
+
+    monkeypatch.setattr(bench_run, "_run_one", one_recipe)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("tiny", out, setups=["a"])
+    rows = json.loads(out.read_text(encoding="utf-8"))["setups"][0]["recipes"]
+    assert {name: (row["status"], row["reason"]) for name, row in rows.items()} == {
+        "B0": ("failed", "B0 broke"), "B1": ("not run", "the bench stopped before this recipe"),
+        "dsft": ("not run", "the bench stopped before this recipe")}
+
+
+def test_larger_rows_make_b0_accumulate_and_the_samples_cover_every_recipe():
+    import dataclasses
+
+    setup = dataclasses.replace(suite_setups("h100")[0], row_tokens=16384)
+    assert (setup.packed_row_tokens, setup.b0_accumulation) == (16384, 8)
+    assert (suite_setups("h100")[0].packed_row_tokens, suite_setups("h100")[0].b0_accumulation) == (2048, 1)
+    lengths = [len(s["input_ids"]) for s in synthetic_samples(setup)]
+    assert len(lengths) >= 4 * 8 * setup.steps and sum(lengths) >= setup.steps * 16384
+    with pytest.raises(DsftError, match=r"--row-tokens 1024: a row must hold a-qwen-1.5b-lora's longest sample, 2048"):
+        run_bench("h100", setups=["a"], row_tokens=1024)
+
+
+def test_measured_steps_count_every_accumulated_batch_of_a_step():
+    # 3 steps of 2 accumulated batches each (and one batch the loader collated ahead); warmup 1.
+    batches = [[5], [6], [7, 8], [9], [10], [11], [99]]
+    logs = [{"step": step, "loss": 2.0 + step, "grad_norm": 1.0} for step in (1, 2, 3)]
+    measured = measured_steps(logs, [10.0, 11.0, 13.0], batches, 1, PUBLISHED_SHAPES["deepseek-r1-distill-qwen-1.5b"],
+                              "lora", batches_per_step=2)
+    assert measured.real_tokens == 7 + 8 + 9 + 10 + 11 and measured.seconds == 3.0
+    assert measured.losses == [4.0, 5.0] and measured.tokens_per_s == 45 / 3
