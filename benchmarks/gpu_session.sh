@@ -5,9 +5,9 @@
 # finished part). See benchmarks/README.md for what each step measures and what to check.
 #
 # On the device machine, with `carry: [".whl"]` (from benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_session.sh                      # varlen serve bench_a, in that order
+#   bash benchmarks/gpu_session.sh                      # varlen serve bench_a switches, in that order
 #   bash benchmarks/gpu_session.sh bench_d bench_a_longest
-# Steps: varlen serve bench_a bench_a_rows bench_b bench_c bench_d bench_a_longest serve_continuous.
+# Steps: varlen switches serve bench_a bench_a_rows bench_b bench_c bench_d bench_a_longest serve_continuous.
 # Environment: OUT (logs and JSON; default benchmarks/results/gpu_session), BUDGET_S (whole script, default 540),
 # PYTHON (default python3), WHEELS (default .whl), SITE (where the wheels are installed, default /tmp/site),
 # DSFT_REHEARSAL=1: the same steps on a CPU with the tiny suite and a tiny preset, to try this script and the wheels
@@ -34,6 +34,7 @@ serve=("$PY" benchmarks/serve_throughput.py --shape "$shape" --clients "$clients
 # step name -> "limit in seconds|command"
 declare -A steps=(
   [varlen]="150|$PY -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_varlen_attention.py"
+  [switches]="240|$PY -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_speed_switches.py"
   [serve]="200|${serve[*]} --output $OUT/serve_throughput.json"
   [serve_continuous]="200|${serve[*]} --engine continuous --output $OUT/serve_throughput_continuous.json"
   [bench_a]="420|${bench[*]} --setup a --profile --output $OUT/bench_a.json"
@@ -44,7 +45,7 @@ declare -A steps=(
   [bench_a_longest]="540|${bench[*]} --setup a --longest --output $OUT/bench_a_longest.json"
 )
 chosen=("$@")
-[[ ${#chosen[@]} -gt 0 ]] || chosen=(varlen serve bench_a)
+[[ ${#chosen[@]} -gt 0 ]] || chosen=(varlen serve bench_a switches)
 for name in "${chosen[@]}"; do
   [[ -n ${steps[$name]+x} ]] || { echo "session: unknown step $name; steps: ${!steps[*]}"; exit 2; }
 done

@@ -1,6 +1,8 @@
 """Speed switches: what auto resolves to on this (CPU) machine, refusals of on, and the same training losses with
 each switch on and off (the Trainer path of dsft train: plan, build_trainer, DsftTrainer)."""
 
+import importlib.util
+
 import pytest
 import torch
 from rich.console import Console
@@ -131,12 +133,16 @@ def test_selective_checkpointing_recomputes_all_but_attention(tmp_path, tokenize
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("switch", [{"compile": True}, {"gradient_checkpointing": True, "checkpointing": "offload"},
-                                    {"chunked_loss": "on"}, {"experts": "grouped_mm", "preset": "tiny-deepseek-v3"}])
+                                    {"chunked_loss": "on"}, {"experts": "grouped_mm", "preset": "tiny-deepseek-v3"},
+                                    {"liger": "on"}])
 def test_gpu_switch_leaves_the_losses_unchanged(tmp_path, tokenizer, switch):
     # compile runs on CPU too and gives the same losses, but compiling on 2 CPU cores took minutes; bf16 on CUDA.
+    if switch.get("liger") == "on" and importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
     preset = switch.get("preset", "tiny-qwen2")
     settings = {k: v for k, v in switch.items() if k != "preset"}
-    baseline = {"chunked_loss": "off", "experts": "eager"} if preset == "tiny-deepseek-v3" else {"chunked_loss": "off"}
+    # Every switch is measured against all of them off (liger: auto would be on with CUDA and liger-kernel).
+    baseline = {"chunked_loss": "off", "liger": "off", **({"experts": "eager"} if preset == "tiny-deepseek-v3" else {})}
     expected = _train_losses(tmp_path / "without", tokenizer, preset=preset, **baseline)
     actual = _train_losses(tmp_path / "with", tokenizer, preset=preset, **{**baseline, **settings})
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=1e-3)
