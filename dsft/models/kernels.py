@@ -9,7 +9,8 @@ What auto resolves to:
   architecture for the whole process). The loss stays dsft's chunked loss. DeepSeek V2/V3 stay off: Liger swaps
   their routed experts for its own module, bypassing transformers' experts kernels and PEFT's LoRA on them.
 - chunked_loss: on with CUDA; off on CPU, where the model's own loss is the fallback. Refused when the model adds
-  what the chunked loss does not compute (a router auxiliary loss, logit soft-capping) or LoRA adapts the lm_head.
+  what the chunked loss does not compute (a router auxiliary loss, logit soft-capping), LoRA adapts the lm_head, or
+  several processes train under DeepSpeed ZeRO-3 (see _sharded_head_blocker); it runs under DDP, ZeRO-2 and FSDP2.
 - experts (MoE models with fused experts only): grouped_mm where torch has a grouped GEMM for the device (CUDA
   compute capability 8.0+, or CPU with torch 2.9+), else eager. dsft's grouped_mm also computes LoRA on the routed
   experts as grouped low-rank products (moe_lora.py).
@@ -89,7 +90,7 @@ def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None,
     reasons: dict[str, str] = {}
     config = _base_model(model).config
     liger = _decide("liger", train.liger, _liger_blocker(cuda, config.model_type), reasons)
-    chunked_blocker = _chunked_loss_blocker(model)
+    chunked_blocker = _chunked_loss_blocker(model) or _sharded_head_blocker(train.distributed)
     if chunked_blocker is None and train.chunked_loss == "auto" and not cuda:
         chunked_blocker = "no CUDA: the model's own loss"  # the fallback; on still forces it
     chunked = _decide("chunked_loss", train.chunked_loss, chunked_blocker, reasons)
@@ -173,6 +174,17 @@ def _chunked_loss_blocker(model) -> str | None:
         return "the model soft-caps its logits"
     if plain_linear_head(_base_model(model).get_output_embeddings()) is None:
         return "LoRA adapts the lm_head"
+    return None
+
+
+def _sharded_head_blocker(engine: str) -> str | None:
+    """DeepSpeed ZeRO-3 gathers the lm_head weight only around the head's own forward and backward, and the chunked
+    loss forms the head's gradient itself, outside that backward: two ZeRO-3 processes failed with a size mismatch
+    against the partitioned weight. DDP, ZeRO-2 and FSDP2 run it (tests/recipes/test_distributed.py)."""
+    from dsft.train.distributed import world_size
+
+    if world_size() > 1 and engine in ("zero3", "zero3_offload"):
+        return f"train.distributed: {engine} partitions the lm_head weight: the model's own loss"
     return None
 
 

@@ -25,18 +25,36 @@ def chunked_lm_loss(model, inputs: dict, chunk_tokens: int, num_items_in_batch=N
     """The causal-LM loss of model on inputs ({"input_ids", "labels", ...} as the Trainer passes them), computed
     from the decoder's hidden states and the lm_head weight in chunks of chunk_tokens scored positions.
 
-    model may be a PeftModel: its base model's decoder runs with the adapters in place. Raises ValueError when the
-    lm_head is not a plain linear layer (LoRA on the lm_head); resolve_speed_plan keeps the loss off then.
+    model may be a PeftModel, and either may be wrapped for data parallelism (DDP, a DeepSpeed ZeRO-2 engine): the
+    forward runs through the wrapper, as its gradient synchronisation requires. The loss is formed inside the
+    lm_head's call, from the hidden states it receives, and the head then projects an empty slice, so no logits
+    are made. Raises ValueError when the lm_head is not a plain linear layer (LoRA on the lm_head); resolve_speed_plan
+    keeps the loss off then.
     """
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    base = inner.get_base_model() if hasattr(inner, "peft_config") else inner
     head = plain_linear_head(base.get_output_embeddings())
     if head is None:
         raise ValueError("the chunked loss needs a plain linear lm_head (not adapted by LoRA)")
+    losses: list[torch.Tensor] = []
+
+    def score_then_project_nothing(module, args):
+        if losses:
+            raise RuntimeError("the lm_head ran twice in one forward: the chunked loss cannot tell which call scores")
+        losses.append(chunked_linear_cross_entropy(args[0], module.weight, module.bias, inputs["labels"], chunk_tokens,
+                                                   num_items_in_batch, inputs.get("shift_labels")))
+        return (args[0][..., :0, :],)
+
     forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     forward_inputs.setdefault("use_cache", False)  # a training forward needs no KV cache
-    hidden_BTD = getattr(base, base.base_model_prefix)(**forward_inputs).last_hidden_state
-    return chunked_linear_cross_entropy(hidden_BTD, head.weight, head.bias, inputs["labels"], chunk_tokens,
-                                        num_items_in_batch, inputs.get("shift_labels"))
+    handle = head.register_forward_pre_hook(score_then_project_nothing)
+    try:
+        model(**forward_inputs)
+    finally:
+        handle.remove()
+    return losses[0]
 
 
 def plain_linear_head(head):

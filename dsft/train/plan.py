@@ -130,12 +130,19 @@ def engine_estimate(engine: str, states: StateBytes, activations: int, gpus: int
 
 
 def make_plan(total_parameters: int, trainable_parameters: int, frozen_weight_bytes: int, activations: int,
-              gpus: int, gpu_memory_gib: float, configured: str = "ddp") -> Plan:
-    """Every engine's estimate and the first of ENGINES that fits (None when none does)."""
+              gpus: int, gpu_memory_gib: float, configured: str = "ddp", zero3_activations: int | None = None) -> Plan:
+    """Every engine's estimate and the first of ENGINES that fits (None when none does). zero3_activations: the
+    activations of zero3 and zero3_offload on several GPUs when they differ (the chunked loss does not run there, so
+    the full logits count)."""
     if gpus < 1 or gpu_memory_gib <= 0:
         raise DsftError(f"dsft plan: --gpus must be >= 1 and --gpu-memory > 0 (got {gpus} and {gpu_memory_gib})")
     states = state_bytes(total_parameters, trainable_parameters, frozen_weight_bytes)
-    estimates = [engine_estimate(engine, states, activations, gpus) for engine in ENGINES]
+
+    def activations_of(engine: str) -> int:
+        unchunked = zero3_activations is not None and gpus > 1 and engine in ("zero3", "zero3_offload")
+        return zero3_activations if unchunked else activations
+
+    estimates = [engine_estimate(engine, states, activations_of(engine), gpus) for engine in ENGINES]
     plan = Plan(total_parameters, trainable_parameters, gpus, gpu_memory_gib, estimates, None, configured)
     recommended = next((e.engine for e in estimates if plan.fits(e)), None)
     return dataclasses.replace(plan, recommended=recommended)
@@ -181,11 +188,14 @@ def plan_run(config: RunConfig, gpus: int, gpu_memory_gib: float) -> Plan:
     text = shape.get_text_config() if hasattr(shape, "get_text_config") else shape
     train = config.train
     chunk = None if train.chunked_loss == "off" else train.loss_chunk_tokens  # auto: on CUDA, where plans matter
-    activations = activation_bytes(train.batch_size, config.data.max_length_tokens, text.hidden_size,
-                                   text.num_hidden_layers, text.vocab_size, train.gradient_checkpointing, chunk)
+
+    def activations(chunk_tokens: int | None) -> int:
+        return activation_bytes(train.batch_size, config.data.max_length_tokens, text.hidden_size,
+                                text.num_hidden_layers, text.vocab_size, train.gradient_checkpointing, chunk_tokens)
+
     frozen_weight_bytes = 4 if config.model.dtype == "float32" else 2
-    return make_plan(counts.total, counts.trainable, frozen_weight_bytes, activations, gpus, gpu_memory_gib,
-                     train.distributed)
+    return make_plan(counts.total, counts.trainable, frozen_weight_bytes, activations(chunk), gpus, gpu_memory_gib,
+                     train.distributed, zero3_activations=activations(None) if chunk is not None else None)
 
 
 def print_plan(plan: Plan, as_json: bool) -> None:

@@ -108,7 +108,7 @@ def run_sft(
     summary.update(exact_match_before=before.accuracy if before else None, exact_match_after=after.accuracy if after else None,
                    exact_match_samples=after.samples if after else [])
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
-    summary["speed"] = speed.as_dict()
+    summary["speed"] = {**speed.as_dict(), "chunked_loss_micro_batches": trainer.chunked_loss_micro_batches}
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size  # smaller than configured after auto_find_batch_size
     rd.write_summary(run_dir, summary)

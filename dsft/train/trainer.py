@@ -62,6 +62,8 @@ class DsftTrainer(Trainer):
         self.ledger = ledger
         self.loss_chunk_tokens = loss_chunk_tokens
         """Tokens per chunk of the chunked causal-LM loss (train.chunked_loss), or None for the model's own loss."""
+        self.chunked_loss_micro_batches = 0
+        """Training micro-batches of this process whose loss the chunked loss computed (summary.json's speed)."""
         self.adversary = adversary
         """An EmbeddingAdversary (train.adversarial) that adds attack passes to each step, or None."""
         self.keep_last_checkpoints = keep_last_checkpoints
@@ -99,16 +101,16 @@ class DsftTrainer(Trainer):
             # is the one the model would get, so the Trainer's scaling for gradient accumulation stays right.
             items = num_items_in_batch if self.model_accepts_loss_kwargs else None
             loss = chunked_lm_loss(model, inputs, self.loss_chunk_tokens, items)
+            self.chunked_loss_micro_batches += model.training
             if self.args.average_tokens_across_devices and items is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for the model's loss
             return loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _chunked_loss_applies(self, model, inputs, return_outputs: bool) -> bool:
-        # Evaluation asks for the outputs (logits); a wrapped model (DDP) must run through its wrapper.
+        # Evaluation asks for the outputs (logits).
         return (self.loss_chunk_tokens is not None and not return_outputs and "labels" in inputs
-                and self.compute_loss_func is None and self.label_smoother is None
-                and self.accelerator.unwrap_model(model) is model)
+                and self.compute_loss_func is None and self.label_smoother is None)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         one_pass = super().training_step  # forward, loss scaled for accumulation, backward

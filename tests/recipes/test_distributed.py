@@ -277,3 +277,15 @@ def _assert_same_adapter(run_dir: Path, reference: Path) -> None:
     expected = load_file(reference / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
     assert all(adapter[k].allclose(expected[k], rtol=1e-3, atol=1e-3) for k in adapter)
+
+
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=needs_deepspeed), "fsdp2"])
+def test_chunked_loss_runs_through_the_data_parallel_wrapper(runs, tmp_path, tiny_data, engine):
+    # The chunked loss runs inside the wrapper's forward (in the lm_head's call, where FSDP2 has the weight whole),
+    # so its gradients are synchronised like the model's own: the same losses and weights as one process.
+    run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine,
+                   chunked_loss="on", loss_chunk_tokens=16, save_steps=None)
+    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    speed = json.loads((run_dir / "summary.json").read_text())["speed"]
+    assert (speed["chunked_loss"], speed["loss_chunk_tokens"], speed["chunked_loss_micro_batches"]) == (True, 16, 4)
+    _assert_same_weights(run_dir, runs["ddp"])

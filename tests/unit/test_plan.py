@@ -90,3 +90,12 @@ def test_cli_plan_json(tmp_path):
     plan = json.loads(result.output)
     assert plan["total_parameters"] == TOTAL and plan["recommended"] == "ddp" and plan["gpus"] == 8
     assert [e["engine"] for e in plan["estimates"]] == ["ddp", "zero2", "fsdp2", "zero3", "zero3_offload"]
+
+
+def test_zero3_on_several_gpus_counts_the_full_logits_the_chunked_loss_cannot_spare(tmp_path):
+    chunked = activation_bytes(2, 32, 64, 2, 256, False, 16)
+    full = activation_bytes(2, 32, 64, 2, 256, False, None)
+    config = load_config(_config(tmp_path, {"type": "full"}, chunked_loss="auto", loss_chunk_tokens=16))
+    assert {e.engine: e.activations for e in plan_run(config, 2, 80).estimates} == {
+        "ddp": chunked, "zero2": chunked, "fsdp2": chunked, "zero3": full, "zero3_offload": full}
+    assert {e.activations for e in plan_run(config, 1, 80).estimates} == {chunked}

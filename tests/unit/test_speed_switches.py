@@ -146,3 +146,17 @@ def test_gpu_switch_leaves_the_losses_unchanged(tmp_path, tokenizer, switch):
     expected = _train_losses(tmp_path / "without", tokenizer, preset=preset, **baseline)
     actual = _train_losses(tmp_path / "with", tokenizer, preset=preset, **{**baseline, **settings})
     torch.testing.assert_close(actual, expected, rtol=2e-2, atol=1e-3)
+
+
+def test_several_zero3_processes_keep_the_models_own_loss(tmp_path, tokenizer, monkeypatch):
+    model = _model(_config(tmp_path), tokenizer)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for engine in ("zero3", "zero3_offload"):
+        plan = resolve_speed_plan(_config(tmp_path, distributed=engine).train, model, cuda=True)
+        assert not plan.chunked_loss and f"chunked loss off (train.distributed: {engine} partitions" in plan.line()
+        with pytest.raises(DsftError, match=f"train.chunked_loss: on, but train.distributed: {engine} partitions"):
+            resolve_speed_plan(_config(tmp_path, distributed=engine, chunked_loss="on").train, model, cuda=True)
+    for engine in ("ddp", "zero2", "fsdp2"):
+        assert resolve_speed_plan(_config(tmp_path, distributed=engine).train, model, cuda=True).chunked_loss
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the engine is not used
+    assert resolve_speed_plan(_config(tmp_path, distributed="zero3").train, model, cuda=True).chunked_loss
