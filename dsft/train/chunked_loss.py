@@ -25,10 +25,10 @@ def chunked_lm_loss(model, inputs: dict, chunk_tokens: int, num_items_in_batch=N
     """The causal-LM loss of model on inputs ({"input_ids", "labels", ...} as the Trainer passes them), computed
     from the decoder's hidden states and the lm_head weight in chunks of chunk_tokens scored positions.
 
-    model may be a PeftModel, and either may be wrapped for data parallelism (DDP, a DeepSpeed ZeRO-2 engine): the
-    forward runs through the wrapper, as its gradient synchronisation requires. The loss is formed inside the
-    lm_head's call, from the hidden states it receives, and the head then projects an empty slice, so no logits
-    are made. Raises ValueError when the lm_head is not a plain linear layer (LoRA on the lm_head); resolve_speed_plan
+    model may be a PeftModel, and either may be wrapped for data parallelism (DDP, a DeepSpeed ZeRO-2 engine, FSDP2):
+    the forward runs through the wrapper, as its gradient synchronisation requires. The loss is formed inside the
+    lm_head's call (where FSDP2 holds the weight whole), from the hidden states it receives, and the head then
+    projects an empty slice, so no logits are made. Raises ValueError when the lm_head is not a plain linear layer (LoRA on the lm_head); resolve_speed_plan
     keeps the loss off then.
     """
     from accelerate.utils import extract_model_from_parallel
