@@ -112,13 +112,12 @@ def client_level(url: str, clients: int, prompts: list[str], max_tokens: int, st
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         wall_s, results = pool.submit(run_clients, url, clients, prompts, max_tokens, stream).result()
     tokens = sum(result["tokens"] for result in results)
-    row = {"clients": clients, "requests": len(results), "stream": stream, "completion_tokens": tokens,
-           "wall_s": round(wall_s, 3), "tokens_per_s": round(tokens / wall_s, 1),
-           "requests_per_s": round(len(results) / wall_s, 2),
-           **percentiles_ms("latency", [result["latency_s"] for result in results]),
-           **percentiles_ms("ttft", [result["ttft_s"] for result in results if result["ttft_s"] is not None]),
-           **percentiles_ms("per_token", per_token_latencies_s(results))}  # both None for plain requests
-    return row
+    return {"clients": clients, "requests": len(results), "stream": stream, "completion_tokens": tokens,
+            "wall_s": round(wall_s, 3), "tokens_per_s": round(tokens / wall_s, 1),
+            "requests_per_s": round(len(results) / wall_s, 2),
+            **percentiles_ms("latency", [result["latency_s"] for result in results]),
+            **percentiles_ms("ttft", [result["ttft_s"] for result in results if result["ttft_s"] is not None]),
+            **percentiles_ms("per_token", per_token_latencies_s(results))}  # both None for plain requests
 
 
 def per_token_latencies_s(results: list[dict]) -> list[float]:

@@ -46,8 +46,8 @@ def run_bench(suite: str, output: Path | None = None, setups: list[str] | None =
             for setup in chosen:
                 console.print(f"bench: {setup.name}: {recipe}")
                 runs[setup.name, recipe] = _run_one(recipe, setup, work_dir, longest, profile)
-                _write(path, _report(suite, chosen, runs))  # a bench cut short (a time limit) keeps what it measured
-    report = _report(suite, chosen, runs)
+                report = _report(suite, chosen, runs)
+                _write(path, report)  # a bench cut short (a time limit) keeps what it measured
     console.print(_table(report))
     for setup in report["setups"]:
         for recipe, row in setup["recipes"].items():
@@ -55,7 +55,6 @@ def run_bench(suite: str, output: Path | None = None, setups: list[str] | None =
                 console.print(f"bench: {setup['name']} {recipe} {row['status']}: {row['reason']}")
             if row.get("profile"):
                 console.print(_profile_line(setup["name"], recipe, row["profile"]))
-    _write(path, report)
     console.print(f"bench: wrote {path}")
     return report
 

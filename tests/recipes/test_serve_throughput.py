@@ -62,12 +62,7 @@ def test_a_published_shape_streams_text_for_every_id_of_its_vocabulary(script, m
     assert level["ttft_p50_ms"] is not None and level["per_token_p50_ms"] is not None
 
 
-def test_read_event_keeps_first_and_last_text_times_and_the_usage():
-    from importlib import util
-
-    spec = util.spec_from_file_location("serve_throughput_events", BENCHMARKS / "serve_throughput.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_read_event_keeps_first_and_last_text_times_and_the_usage(script):
     result = {"ttft_s": None, "last_token_s": None, "tokens": 0}
     lines = [": keep-alive", 'data: {"choices": [{"delta": {"role": "assistant"}}]}',
              'data: {"choices": [{"delta": {"reasoning_content": "hm"}}]}', "",
@@ -75,8 +70,8 @@ def test_read_event_keeps_first_and_last_text_times_and_the_usage():
              'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}',
              'data: {"choices": [], "usage": {"completion_tokens": 7}}', "data: [DONE]"]
     for elapsed_s, line in enumerate(lines):
-        module.read_event(line, float(elapsed_s), result)
+        script.read_event(line, float(elapsed_s), result)
     assert result == {"ttft_s": 2.0, "last_token_s": 4.0, "tokens": 7}
-    assert module.per_token_latencies_s([{**result, "latency_s": 8.0}]) == [(4.0 - 2.0) / 6]
+    assert script.per_token_latencies_s([{**result, "latency_s": 8.0}]) == [(4.0 - 2.0) / 6]
     with pytest.raises(RuntimeError, match="failed a streamed request"):
-        module.read_event('data: {"error": {"message": "boom"}}', 1.0, result)
+        script.read_event('data: {"error": {"message": "boom"}}', 1.0, result)
