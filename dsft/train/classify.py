@@ -21,7 +21,7 @@ from dsft.data.dataset import DataStats
 from dsft.data.labels import balanced_class_weights, build_classify_datasets, load_labelled
 from dsft.eval.classification import classification_report
 from dsft.eval.error_analysis import write_error_analysis
-from dsft.models.load import BASE_MODEL_DIR, build_classifier, build_tokenizer
+from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters, train_head_only
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -65,7 +65,7 @@ def run_classify(
 
     # Setup: tokenizer (trained on the texts for a preset), then labelled rows and the label list.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: _training_texts(config))
     rd.save_config(config, run_dir)
     train_rows, validation_rows, labels, stats = build_classify_datasets(config.data, config.classify, tokenizer, config.train.seed)
     for sample_id, row in enumerate(train_rows):
@@ -75,8 +75,7 @@ def run_classify(
 
     # Model and method.
     model = build_classifier(config.model, tokenizer, config.train.seed, labels)
-    if config.model.preset is not None and config.method.type == "lora":
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(model, config, run_dir)
     model = apply_method(model, config.method, "SEQ_CLS")
     if config.classify.head_only:
         train_head_only(model)

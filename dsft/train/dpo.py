@@ -39,7 +39,7 @@ from dsft.data.preference_data import build_preference_datasets
 from dsft.errors import DsftError
 from dsft.eval.exact_match import score_exact_match
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer, has_tokenizer_files
+from dsft.models.load import build_model, has_tokenizer_files
 from dsft.models.method import apply_method, count_parameters, lora_config
 from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
@@ -102,7 +102,7 @@ def run_dpo(
 
     # Setup: tokenizer, then the pairs rendered with the template that generation uses.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: training_texts(config))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: training_texts(config))
     template = resolve_template(config.data.chat_template, tokenizer)
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)
@@ -112,8 +112,7 @@ def run_dpo(
 
     # Policy and reference (copied before training, so the reference is the starting model).
     policy = build_model(config.model, tokenizer, config.train.seed)
-    if config.model.preset is not None and config.method.type == "lora":
-        policy.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(policy, config, run_dir)
     reference = build_reference(config, policy, tokenizer)
     console.print(f"reference: {describe_reference(config)}")
     if config.method.type == "freeze":

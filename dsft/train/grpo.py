@@ -29,7 +29,7 @@ from trl import GRPOTrainer
 from dsft.config import RunConfig
 from dsft.data.prompts import RlPrompt
 from dsft.errors import DsftError
-from dsft.models.load import BASE_MODEL_DIR, build_model
+from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback
@@ -158,8 +158,7 @@ def _point_reference_at_start(model, config: RunConfig, run_dir: Path) -> None:
     """
     needs_reference = config.method.type != "lora" and config.grpo.kl_coef > 0
     if config.model.preset is not None and (config.method.type == "lora" or needs_reference):
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)
-        model.config._name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
+        model.config._name_or_path = str(rd.save_base(model, run_dir).resolve())
     elif needs_reference and Path(config.model.name_or_path).exists():
         model.config._name_or_path = str(Path(config.model.name_or_path).resolve())
 

@@ -33,7 +33,6 @@ from dsft.data.multitask import (
 from dsft.eval.classification import classification_report
 from dsft.eval.ner import SCALAR_KEYS as SPAN_KEYS
 from dsft.eval.ner import ner_report
-from dsft.models.load import BASE_MODEL_DIR, build_tokenizer
 from dsft.models.method import count_parameters
 from dsft.models.multitask import HeadSpec, MultitaskModel, apply_backbone_method, build_backbone
 from dsft.train import run_dir as rd
@@ -81,7 +80,7 @@ def run_multitask(
 
     # Setup: tokenizer (trained on the texts for a preset), then the rows and each head's labels.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: _training_texts(config))
     rd.save_config(config, run_dir)
     settings = config.multitask
     train_rows, validation_rows, labels, stats = build_multitask_datasets(config.data, settings, tokenizer, config.train.seed)
@@ -95,8 +94,7 @@ def run_multitask(
 
     # Model: the causal LM's base model, adapted per method, with a head per task.
     backbone = build_backbone(config.model, tokenizer, config.train.seed)
-    if config.model.preset is not None and config.method.type == "lora":
-        backbone.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(backbone, config, run_dir)
     backbone = apply_backbone_method(backbone, config.method)
     model = MultitaskModel(backbone, heads, tokenizer.pad_token_id, config.train.seed)
     counts = count_parameters(model)

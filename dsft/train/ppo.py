@@ -33,7 +33,7 @@ from dsft.config import RunConfig
 from dsft.data.dataset import DataStats
 from dsft.data.prompts import RlPrompt
 from dsft.errors import TrainingDiverged, TrainingInterrupted
-from dsft.models.load import BASE_MODEL_DIR, build_model, resolve_dtype
+from dsft.models.load import build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.packed_forward import is_packed
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
@@ -117,8 +117,7 @@ def run_ppo(
     # Policy, value head and reference (what the policy starts as).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config.model, tokenizer, config.train.seed)
-    if config.model.preset is not None and config.method.type == "lora":
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(model, config, run_dir)
     reference = None if config.method.type == "lora" else _frozen_copy(model).to(device)
     policy = apply_method(model, config.method).to(device)
     _disable_dropout(policy)  # the first update's ratio to the rollout policy is then exactly 1

@@ -25,7 +25,7 @@ from dsft.data.chat import resolve_template
 from dsft.data.preference_data import build_preference_datasets, full_sequences
 from dsft.errors import DsftError
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import BASE_MODEL_DIR, build_classifier, build_tokenizer
+from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -112,7 +112,7 @@ def run_reward(
 
     # Setup: tokenizer, then the pairs rendered with the template that generation uses.
     set_seed(config.train.seed)
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: training_texts(config))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: training_texts(config))
     template = resolve_template(config.data.chat_template, tokenizer)
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)
@@ -122,8 +122,7 @@ def run_reward(
 
     # Model: one output on the last token; with LoRA the new head trains in full (modules_to_save).
     model = build_classifier(config.model, tokenizer, config.train.seed, [REWARD_LABEL])
-    if config.model.preset is not None and config.method.type == "lora":
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(model, config, run_dir)
     model = apply_method(model, config.method, "SEQ_CLS")
     enable_checkpointing(model, checkpointing_mode(config))
     counts = count_parameters(model)

@@ -22,10 +22,9 @@ def load_prompts(config: RunConfig, run_dir: Path):
     resolved config into run_dir."""
     from dsft.data.chat import resolve_template
     from dsft.data.prompts import load_rl_prompts, prompt_texts
-    from dsft.models.load import build_tokenizer
     from dsft.train import run_dir as rd
 
-    tokenizer = build_tokenizer(config.model, run_dir, lambda: prompt_texts(config.data))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: prompt_texts(config.data))
     template = resolve_template(config.data.chat_template, tokenizer)
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)

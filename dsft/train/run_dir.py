@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from dsft.config import OutputConfig, RunConfig, dump_config
+from dsft.config import ModelConfig, OutputConfig, RunConfig, dump_config
 from dsft.errors import DsftError
+from dsft.models.load import BASE_MODEL_DIR, build_tokenizer
 from dsft.train.checkpoints import list_checkpoints
 from dsft.train.distributed import is_main, main_first
 
@@ -39,6 +41,30 @@ def _prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def run_tokenizer(model: ModelConfig, run_dir: Path, training_texts: Callable[[], Iterable[str]]):
+    """build_tokenizer with rank 0 first: it trains and saves a preset's tokenizer, and the other ranks load that one
+    instead of writing the same files at the same time."""
+    with main_first():
+        return build_tokenizer(model, run_dir, training_texts)
+
+
+def save_base(model, run_dir: Path) -> Path:
+    """Write a preset's starting weights to the run's base_model/ and return that path.
+
+    A preset exists nowhere else, so a LoRA adapter (or a reference model loaded by path) needs them there. Rank 0
+    writes; the others wait until the files are whole, as they may load them next."""
+    with main_first():
+        if is_main():
+            model.save_pretrained(run_dir / BASE_MODEL_DIR)
+    return run_dir / BASE_MODEL_DIR
+
+
+def save_preset_base_for_lora(model, config: RunConfig, run_dir: Path) -> None:
+    """save_base when the run trains a LoRA adapter on a preset: the adapter names base_model/ as its base."""
+    if config.model.preset is not None and config.method.type == "lora":
+        save_base(model, run_dir)
 
 
 def checkpoint_step(checkpoint: Path) -> int:

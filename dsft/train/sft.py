@@ -21,11 +21,10 @@ from dsft.data.packing import PackedCollator
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
 from dsft.models.kernels import apply_speed_plan, resolve_speed_plan
-from dsft.models.load import BASE_MODEL_DIR, build_model, build_tokenizer
+from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
-from dsft.train.distributed import is_main, main_first
 from dsft.train.loop import (
     build_trainer,
     checkpoint_to_resume,
@@ -66,8 +65,7 @@ def run_sft(
     # Setup: tokenizer (trained on the data for a preset), then data rendered with the template
     # that generation will use too; the resolved template is saved so `dsft generate` agrees.
     set_seed(config.train.seed)
-    with main_first():  # rank 0 trains and saves a preset's tokenizer; the others load it
-        tokenizer = build_tokenizer(config.model, run_dir, lambda: _training_texts(config))
+    tokenizer = rd.run_tokenizer(config.model, run_dir, lambda: _training_texts(config))
     template = resolve_template(config.data.chat_template, tokenizer)
     config = config.model_copy(update={"data": config.data.model_copy(update={"chat_template": template})})
     rd.save_config(config, run_dir)
@@ -80,9 +78,7 @@ def run_sft(
 
     # Model and method.
     model = build_model(config.model, tokenizer, config.train.seed)
-    if config.model.preset is not None and config.method.type == "lora" and is_main():
-        # A preset exists nowhere else: keep its base weights so the adapter can be loaded.
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)
+    rd.save_preset_base_for_lora(model, config, run_dir)
     model = apply_method(model, config.method)
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")

@@ -26,7 +26,7 @@ from dsft.data.bio import IGNORE_INDEX
 from dsft.data.dataset import DataStats
 from dsft.data.tokens import build_token_datasets, training_texts
 from dsft.eval.ner import SCALAR_KEYS, ner_report, write_report
-from dsft.models.load import BASE_MODEL_DIR, build_classifier, build_tokenizer
+from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -71,7 +71,7 @@ def run_token_classify(
     # Setup: tokenizer (trained on the joined words for a preset), then tagged rows and the tag list.
     set_seed(config.train.seed)
     tc, data = config.token_classify, config.data
-    tokenizer = build_tokenizer(config.model, run_dir,
+    tokenizer = rd.run_tokenizer(config.model, run_dir,
                                 lambda: training_texts(data.train_files, tc, data.on_error, data.max_samples))
     rd.save_config(config, run_dir)
     train_rows, validation_rows, tags, stats = build_token_datasets(data, tc, tokenizer, config.train.seed)
@@ -82,8 +82,7 @@ def run_token_classify(
 
     # Model and method (LoRA: the head "score" trains in full beside the adapter).
     model = build_classifier(config.model, tokenizer, config.train.seed, tags, config.task)
-    if config.model.preset is not None and config.method.type == "lora":
-        model.save_pretrained(run_dir / BASE_MODEL_DIR)  # a preset exists nowhere else
+    rd.save_preset_base_for_lora(model, config, run_dir)
     model = apply_method(model, config.method, "TOKEN_CLS")
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")
