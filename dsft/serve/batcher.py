@@ -116,8 +116,10 @@ class Batcher:
         self._set_gauges()
 
     def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFull when max_queue jobs are waiting."""
+        """Queue a job; raises QueueFull when max_queue live jobs are waiting (jobs whose clients left or timed out
+        hold no place: they are ended and dropped first)."""
         with self._condition:
+            self._drop_cancelled()
             if len(self._queue) >= self._config.max_queue:
                 raise QueueFull
             self._queue.append(job)
@@ -125,7 +127,10 @@ class Batcher:
             self._condition.notify()
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Live jobs waiting."""
+        with self._condition:
+            self._drop_cancelled()
+            return len(self._queue)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dsft-serve-batcher", daemon=True)
@@ -171,18 +176,31 @@ class Batcher:
             return None if self._stopping else self._take(limit)
 
     def _live_queue(self) -> bool:
-        """Whether a job not yet cancelled waits (cancelled ones are ended and dropped here)."""
-        while self._queue and self._queue[0].cancelled.is_set():
-            self._queue.popleft().deliver(("end", "cancelled"))
+        """Whether a job not yet cancelled waits."""
+        self._drop_cancelled()
         return bool(self._queue)
 
-    def _take(self, limit: int) -> list[Job]:
-        group = self._queue[0].group
-        batch, rest = [], deque()
+    def _drop_cancelled(self) -> None:
+        """End and drop the queued jobs whose clients left or timed out (called with the condition held)."""
+        if not any(job.cancelled.is_set() for job in self._queue):
+            return
+        live: deque[Job] = deque()
         for job in self._queue:
             if job.cancelled.is_set():
                 job.deliver(("end", "cancelled"))
-            elif job.group == group and len(batch) < limit:
+            else:
+                live.append(job)
+        self._queue = live
+        self._set_gauges()
+
+    def _take(self, limit: int) -> list[Job]:
+        self._drop_cancelled()  # the oldest job's client may have left while the worker waited for company
+        if not self._queue:
+            return []
+        group = self._queue[0].group
+        batch, rest = [], deque()
+        for job in self._queue:
+            if job.group == group and len(batch) < limit:
                 batch.append(job)
             else:
                 rest.append(job)

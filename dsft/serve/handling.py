@@ -50,6 +50,19 @@ MODEL_HEADER = "x-dsft-model"
 """Response header naming the served model that answered (a canary alias names the version it routed to)."""
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-4
+"""A temperature under this samples the most likely token anyway, and dividing logits by it can overflow float32 to
+inf (a 500 for the whole batch), so it is served as temperature 0: greedy, and cacheable."""
+
+
+def sampling_of(parsed) -> Sampling:
+    """The request's sampling settings; temperature defaults to 1, as OpenAI's does."""
+    temperature = 1.0 if parsed.temperature is None else parsed.temperature
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        return Sampling()  # greedy, where top_p plays no part: one batch group for every greedy request
+    return Sampling(temperature, 1.0 if parsed.top_p is None else parsed.top_p)
+
+
 @dataclass
 class Call:
     """One generation request, parsed and resolved."""
@@ -98,18 +111,25 @@ class App:
         if not any(matches):
             raise ApiError(401, "invalid API key", "auth", code="invalid_api_key")
 
-    async def read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed max_body_bytes (never read whole)."""
+    async def read_body(self, request: Request, deadline_s: float) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed max_body_bytes (never read whole), and with
+        408 when it has not all arrived by deadline_s (a client trickling its body holds no request open)."""
         cap = self.config.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise ApiError(413, f"request body over {cap} bytes", "body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise ApiError(413, f"request body over {cap} bytes", "body_too_large")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(max(0.0, deadline_s - time.perf_counter())):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > cap:
+                        raise ApiError(413, f"request body over {cap} bytes", "body_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            timeout_s = self.config.limits.request_timeout_s
+            raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "body_timeout",
+                           code="timeout") from None
         return b"".join(chunks)
 
     def resolve(self, requested: str, request: Request) -> ServedModel:
@@ -119,7 +139,6 @@ class App:
             raise ApiError(404, f"model {requested!r} is not served; served models: {names}", "model_not_found",
                            param="model", code="model_not_found")
         request.state.served_model = served.name
-        self.metrics.routed.labels(self._requested_label(requested), served.name).inc()
         return served
 
     def _requested_label(self, requested: str) -> str:
@@ -153,28 +172,29 @@ class App:
 
     def max_tokens(self, parsed) -> int:
         limits = self.config.limits
-        requested = parsed.requested_max_tokens()
+        requested, field_name = parsed.requested_max_tokens()
         if requested is None:
             return min(limits.default_max_tokens, limits.max_tokens)
         if requested > limits.max_tokens:
-            raise ApiError(400, f"max_tokens is {requested}; at most {limits.max_tokens} are allowed",
-                           "max_tokens_too_large", param="max_tokens")
+            raise ApiError(400, f"{field_name} is {requested}; at most {limits.max_tokens} are allowed",
+                           "max_tokens_too_large", param=field_name)
         return requested
 
     async def call(self, request: Request, endpoint: str) -> Call:
         """Authorize, read, parse and resolve one generation request; every refusal is an ApiError (4xx)."""
         started_s = time.perf_counter()
         self.authorize(request)
-        body = await self.read_body(request)
+        body = await self.read_body(request, started_s + self.config.limits.request_timeout_s)
         parsed = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
+        max_tokens = self.max_tokens(parsed)  # before a canary draws a version for a request it then refuses
         served = self.resolve(parsed.model, request)
         ids, prompt_text = self.prompt(parsed, served)
-        temperature = 1.0 if parsed.temperature is None else parsed.temperature
-        sampling = Sampling(temperature, 1.0 if parsed.top_p is None else parsed.top_p)
+        # Counted once the request is accepted, so a canary's split counts the requests each version answers.
+        self.metrics.routed.labels(self._requested_label(parsed.model), served.name).inc()
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         return Call(new_id(prefix), endpoint, parsed.model, served, ids, prompt_opens_thinking(prompt_text),
-                    self.max_tokens(parsed), sampling, parsed.stop_strings(), parsed.stream, parsed.include_usage(),
-                    started_s, prompt_text)
+                    max_tokens, sampling_of(parsed), parsed.stop_strings(), bool(parsed.stream),
+                    parsed.include_usage(), started_s, prompt_text)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -236,20 +256,22 @@ class App:
                 kind, value = await self._next_event(events, deadline_s)
                 if kind == "error":
                     raise ApiError(500, value, "generation")
-                if kind == "end" and value == "cancelled" and not text.stopped:
+                if kind == "end" and value == "cancelled":
                     # Only a stopping server cancels a job its client still waits for: never cache the cut reply.
                     raise ApiError(503, "the server is stopping; retry later", "cancelled", code="server_stopping")
                 if kind == "end":
-                    call.finish_reason = "length" if value == "length" and not text.stopped else "stop"
+                    call.finish_reason = "length" if value == "length" else "stop"
                     break
                 tokens = value if kind == "tokens" else [value]
                 self._count_tokens(call, len(tokens))
                 piece = text.extend(tokens)
-                if text.stopped:
-                    job.cancelled.set()  # the rest of the row would be cut off anyway
                 if piece:
                     call.text.append(piece)
                     yield piece
+                if text.stopped:
+                    # The reply is whole: tokens the engine made before it sees the cancellation are not counted.
+                    call.finish_reason = "stop"
+                    break
             if piece := text.finish():
                 call.text.append(piece)
                 yield piece

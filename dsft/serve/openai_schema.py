@@ -72,10 +72,11 @@ class _Generation(_Request):
     temperature: float | None = Field(None, ge=0, le=2)
     """0 is greedy (and cacheable); default 1, as OpenAI's."""
     top_p: float | None = Field(None, gt=0, le=1)
-    stream: bool = False
+    stream: bool | None = False
+    """null is false, as in OpenAI's API."""
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(1, ge=1, le=1)
     """One choice per request: batching serves many requests instead."""
     seed: int | None = None
     """Accepted and not honoured: a batch shares one random generator."""
@@ -86,7 +87,7 @@ class _Generation(_Request):
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
             for name in UNSUPPORTED:
-                if data.get(name) not in (None, False, [], {}, 0):
+                if data.get(name) not in (None, False, [], {}, 0, ""):
                     raise _Unsupported(name)
             best_of, response_format = data.get("best_of"), data.get("response_format")
             if best_of not in (None, 1):
@@ -115,8 +116,11 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """(the requested token budget, the field that asked for it)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(_Generation):
@@ -130,8 +134,9 @@ class CompletionRequest(_Generation):
             raise ValueError("exactly one prompt per request (batching serves many requests instead)")
         return prompts[0]
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """(the requested token budget, the field that asked for it)."""
+        return self.max_tokens, "max_tokens"
 
 
 class _Unsupported(ValueError):

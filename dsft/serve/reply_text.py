@@ -6,7 +6,6 @@ Streamed and whole replies go through the same ReplyText, so a stream's pieces j
 from __future__ import annotations
 
 from dsft.models.tokenizer import THINK_CLOSE, THINK_OPEN
-from dsft.serve.generate import split_reasoning
 
 _INCOMPLETE = "\ufffd"
 """What decode gives for the first bytes of a multi-byte character split across tokens: held until complete."""
@@ -75,12 +74,15 @@ class ReasoningStream:
     """Split streamed reply text into reasoning and answer pieces, as DeepSeek's API streams reasoning_content.
 
     A prompt that ends by opening a think block (deepseek_r1) starts in reasoning; otherwise a reply that begins with
-    <think> does. Reasoning ends at </think>. Whitespace at the start of each part is dropped, as split_reasoning
-    strips it, so the joined pieces equal split_reasoning's parts up to trailing whitespace.
+    <think> does. Reasoning ends at </think>. A </think> in a reply that did not begin in reasoning is answer text:
+    a stream cannot take back what it already sent as content (split_reply follows these rules too, so a plain reply
+    carries what its stream would). Whitespace at the start of each part is dropped, as split_reasoning strips it.
     """
 
     def __init__(self, prompt_opens_thinking: bool):
         self._state = "reasoning" if prompt_opens_thinking else "undecided"
+        self.reasoned = prompt_opens_thinking
+        """Whether the reply is (or began) in reasoning."""
         self._pending = ""
         self._started = {"reasoning": False, "answer": False}
 
@@ -93,6 +95,7 @@ class ReasoningStream:
             if len(stripped) < len(THINK_OPEN) and THINK_OPEN.startswith(stripped):
                 return "", ""  # could still become <think>
             self._state = "reasoning" if stripped.startswith(THINK_OPEN) else "answer"
+            self.reasoned = self._state == "reasoning"
             self._pending = stripped[len(THINK_OPEN):] if self._state == "reasoning" else self._pending
         if self._state == "reasoning":
             head, found, tail = self._pending.partition(THINK_CLOSE)
@@ -131,8 +134,9 @@ def prompt_opens_thinking(prompt_text: str) -> bool:
 
 
 def split_reply(text: str, opens_thinking: bool) -> tuple[str | None, str]:
-    """(reasoning, answer) of a whole reply: split_reasoning's, and all reasoning when the prompt opened a think
-    block the reply never closed (it ran out of tokens while thinking)."""
-    if opens_thinking and THINK_CLOSE not in text:
-        return text.strip(), ""
-    return split_reasoning(text)
+    """(reasoning, answer) of a whole reply, split by the rules a stream of it is split by (ReasoningStream), so a
+    streamed and a plain reply carry the same fields; reasoning is None when the reply did not reason."""
+    splitter = ReasoningStream(opens_thinking)
+    parts = [splitter.feed(text), splitter.finish()]
+    reasoning, answer = ("".join(part[i] for part in parts).rstrip() for i in (0, 1))
+    return (reasoning if splitter.reasoned else None), answer

@@ -88,6 +88,7 @@ def _add_routes(app: FastAPI, state: App) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         state.authorize(request)
+        state.engine.queue_depth()  # drops queued requests whose clients left, so the gauge is current
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -178,21 +179,26 @@ def _event_stream(state: App, call: Call, pieces, chunks) -> StreamingResponse:
     change the status any more: it is sent as an error event, as OpenAI's API does."""
 
     async def events() -> AsyncIterator[str]:
-        status = 200
+        status = CLIENT_CLOSED_STATUS  # until the reply is out: a client that leaves ends the stream at a yield
         try:
-            async for chunk in chunks:
-                yield _sse(chunk)
-            if call.include_usage:
-                yield _sse(usage_chunk(call.request_id, call.served.name, state.usage(call), call.endpoint == "chat"))
-        except ApiError as error:
-            status = error.status
-            state.metrics.errors.labels(error.kind).inc()
-            yield _sse(error.body())
+            try:
+                async for chunk in chunks:
+                    yield _sse(chunk)
+                if call.include_usage:
+                    yield _sse(usage_chunk(call.request_id, call.served.name, state.usage(call),
+                                           call.endpoint == "chat"))
+                status = 200
+            except ApiError as error:
+                status = error.status
+                state.metrics.errors.labels(error.kind).inc()
+                yield _sse(error.body())
+            yield "data: [DONE]\n\n"
         finally:
+            if status == CLIENT_CLOSED_STATUS:
+                state.metrics.errors.labels("client_disconnected").inc()
+            state.finished(call, status)
             await chunks.aclose()
             await pieces.aclose()  # a client that left cancels its generation (pieces' finally)
-        yield "data: [DONE]\n\n"
-        state.finished(call, status)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**state.headers(call), "cache-control": "no-cache"})

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -171,6 +172,7 @@ BAD = [
     ({"model": "a", "messages": [{"role": "user"}, {"role": "system", "content": "late"}]}, 400, "messages"),
     (chat_body(temperature="hot"), 400, "temperature"),
     (chat_body(max_tokens=33), 400, "max_tokens"),
+    (chat_body(max_completion_tokens=33), 400, "max_completion_tokens"),
     (chat_body(prompt="word " * 200), 400, "messages"),
     (chat_body(n=3), 400, "n"),
     (chat_body(logprobs=True), 400, "logprobs"),
@@ -231,6 +233,8 @@ def test_two_lora_adapters_on_one_base_answer_as_each_run_alone(server, referenc
 
 
 def test_canary_alias_splits_as_the_seeded_router_and_names_the_version(server):
+    refused = [post(server, "/v1/completions", {"model": "prod", "prompt": "x", "max_tokens": 33}) for _ in range(3)]
+    assert [response.status_code for response in refused] == [400] * 3  # neither counted nor drawn
     served = [post(server, "/v1/completions", {"model": "prod", "prompt": "x", "max_tokens": 1}).headers["x-dsft-model"]
               for _ in range(40)]
     router = CanaryRouter(load_serve_config(None, SHARED).canary)
@@ -317,6 +321,53 @@ def test_a_client_that_leaves_a_plain_request_cancels_its_generation(served_a):
         assert engine.jobs[0].cancelled.is_set()
         assert metric(url, "dsft_serve_errors_total", kind="client_disconnected") == 1
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_generation_and_is_counted(served_a, caplog):
+    caplog.set_level(logging.INFO, logger="dsft.serve")
+    engine = StandIn()  # never answers: the generation runs until cancelled
+    with serve_in_thread(create_app(served_a, load_serve_config(None), engine=engine)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(model="run", stream=True)) as response:
+            assert next(response.iter_lines()).startswith("data: ")  # the role chunk; then the client leaves
+        for _ in range(40):
+            if metric(url, "dsft_serve_requests_total", status="499") == 1:
+                break
+            threading.Event().wait(0.1)
+        assert metric(url, "dsft_serve_requests_total", status="499") == 1
+        assert metric(url, "dsft_serve_errors_total", kind="client_disconnected") == 1
+        assert engine.jobs[0].cancelled.is_set()
+    assert "status=499" in caplog.text
+
+
+def test_tokens_after_a_stop_string_are_not_counted(served_a):
+    """The engine goes on for a few tokens before it sees the cancellation: the usage counts up to the stop."""
+    tokenizer = served_a.tokenizer
+    ids = tokenizer.encode("one two! three four five", add_special_tokens=False)
+    through_stop = next(k for k in range(1, len(ids) + 1) if "!" in tokenizer.decode(ids[:k]))
+    engine = StandIn([("token", i) for i in ids] + [("end", "length")])
+    with serve_in_thread(create_app(served_a, load_serve_config(None), engine=engine)) as url:
+        reply = client(url).chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}],
+                                                    temperature=0.5, stop="!")
+        assert reply.choices[0].message.content == "one two" and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == through_stop < len(ids)
+        chunks = list(client(url).chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "hi"}], temperature=0.5, stop="!", stream=True,
+            stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == through_stop
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(served_a):
+    config = load_serve_config(None, ["serve.limits.request_timeout_s=0.5"])
+
+    def trickle():
+        yield b'{"model": "run", '
+        time.sleep(1.5)
+        yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+    with serve_in_thread(create_app(served_a, config, engine=StandIn([("end", "stop")]))) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", content=trickle(), timeout=10)
+        assert response.status_code == 408 and response.json()["error"]["code"] == "timeout"
+        assert post(url, "/v1/chat/completions", chat_body(model="run")).status_code == 200
 
 
 def test_reasoning_goes_in_reasoning_content_plain_and_streamed(served_a):

@@ -10,6 +10,8 @@ from dsft.config_serve import BatchingConfig, CanaryConfig, load_serve_config
 from dsft.errors import DsftError
 from dsft.serve.batcher import Batcher, Job, LatencyController, QueueFull, Sampling
 from dsft.serve.cache import CachedReply, ReplyCache
+from dsft.serve.handling import sampling_of
+from dsft.serve.metrics import ServeMetrics
 from dsft.serve.models import CanaryRouter
 from dsft.serve.openai_schema import ApiError, ChatCompletionRequest, CompletionRequest, parse_request
 from dsft.serve.reply_text import ReasoningStream, ReplyText, split_reply
@@ -69,6 +71,28 @@ def test_cancelled_jobs_are_ended_not_run_and_a_full_queue_refuses():
     gone.cancelled.set()
     assert batcher.next_batch() == [kept]
     assert events == [("end", "cancelled")]
+
+
+def test_jobs_whose_clients_left_hold_no_place_in_the_queue():
+    metrics = ServeMetrics()
+    batcher = Batcher(lambda jobs: 1, BatchingConfig(max_batch=4, max_wait_ms=0, max_queue=2), metrics)
+    events = []
+    gone = [_job(events=events), _job(events=events)]
+    for job in gone:
+        batcher.submit(job)
+    for job in gone:
+        job.cancelled.set()
+    assert metrics.registry.get_sample_value("dsft_serve_queue_depth") == 2  # nothing has looked yet
+    assert batcher.queue_depth() == 0 and events == [("end", "cancelled")] * 2
+    assert metrics.registry.get_sample_value("dsft_serve_queue_depth") == 0
+    live = [_job(), _job()]
+    for job in live:
+        batcher.submit(job)
+    with pytest.raises(QueueFull):
+        batcher.submit(_job())
+    live[0].cancelled.set()
+    batcher.submit(_job())  # the place of the client that left
+    assert batcher.queue_depth() == 2
 
 
 def test_a_failing_batch_answers_errors_and_the_worker_goes_on():
@@ -150,6 +174,38 @@ def test_reply_text_holds_back_incomplete_characters_and_possible_stop_strings()
     assert _feed(ReplyText(CharTokenizer(), stop=[]), [ord(c) for c in "plain"]) == ["p", "l", "a", "i", "n", ""]
 
 
+@pytest.mark.parametrize(("reply", "opens_thinking", "expected"), [
+    ("<think>\nadd 5\n</think>\n\n42 m", False, ("add 5", "42 m")),
+    ("<think>\nadd 5 and", False, ("add 5 and", "")),  # cut by max_tokens while thinking
+    ("add 5\n</think>\n\n42 m", True, ("add 5", "42 m")),
+    ("add 5\n</think>\n\n42 m", False, (None, "add 5\n</think>\n\n42 m")),  # a stream sent it as content
+    ("<think>\n\n</think>\n\n42", False, ("", "42")),
+    ("no close yet", True, ("no close yet", "")),
+    ("", False, (None, "")),
+])
+def test_a_plain_reply_carries_the_fields_its_stream_carries(reply, opens_thinking, expected):
+    assert split_reply(reply, opens_thinking) == expected
+    for cut in (1, 2, 5):
+        stream = ReasoningStream(opens_thinking)
+        parts = [stream.feed(reply[i:i + cut]) for i in range(0, len(reply), cut)] + [stream.finish()]
+        reasoning, answer = ("".join(part[i] for part in parts).rstrip() for i in (0, 1))
+        assert (reasoning if stream.reasoned else None, answer) == expected
+
+
+def test_a_temperature_too_small_to_sample_with_is_greedy():
+    def sampling(extra: bytes) -> Sampling:
+        return sampling_of(parse_request(b'{"model": "m", "prompt": "x"' + extra + b"}", CompletionRequest))
+
+    assert sampling(b', "temperature": 1e-300, "top_p": 0.5') == Sampling() == sampling(b', "temperature": 0')
+    assert sampling(b', "temperature": 0.5, "top_p": 0.5') == Sampling(0.5, 0.5)
+    assert sampling(b"") == Sampling(1.0, 1.0)  # OpenAI's default temperature
+
+
+def test_nullable_fields_take_their_defaults_and_an_empty_suffix_is_no_suffix():
+    parsed = parse_request(b'{"model": "m", "prompt": "x", "n": null, "stream": null, "suffix": ""}', CompletionRequest)
+    assert parsed.n is None and not parsed.stream
+
+
 @pytest.mark.parametrize("cut", [1, 3, 9, 15])
 def test_reasoning_stream_splits_like_the_whole_reply_wherever_pieces_break(cut):
     reply = "<think>\nadd 5\n</think>\n\n42 m"
@@ -198,7 +254,7 @@ def test_completion_requests_take_one_prompt_and_defaults_are_openai_s():
     chat = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
                          b' {"type": "text", "text": "b"}]}], "max_completion_tokens": 3, "max_tokens": 9, "x": 1}',
                          ChatCompletionRequest)
-    assert chat.messages[0].text() == "ab" and chat.requested_max_tokens() == 3
+    assert chat.messages[0].text() == "ab" and chat.requested_max_tokens() == (3, "max_completion_tokens")
 
 
 def test_serve_config_defaults_overrides_and_key_rules(tmp_path, monkeypatch):
