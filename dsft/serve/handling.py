@@ -50,6 +50,10 @@ MODEL_HEADER = "x-dsft-model"
 """Response header naming the served model that answered (a canary alias names the version it routed to)."""
 
 
+def _prompt_field(parsed) -> str:
+    return "messages" if isinstance(parsed, ChatCompletionRequest) else "prompt"
+
+
 GREEDY_BELOW_TEMPERATURE = 1e-4
 """A temperature under this samples the most likely token anyway, and dividing logits by it can overflow float32 to
 inf (a 500 for the whole batch), so it is served as temperature 0: greedy, and cacheable."""
@@ -96,6 +100,8 @@ class App:
         self.cache = ReplyCache(config.cache.max_entries)
         self._keys = [key.get_secret_value().encode() for key in config.api_keys]
         self.created_s = int(time.time())
+        self.context_tokens: int | None = getattr(served.model.config, "max_position_embeddings", None)
+        """The model's context window (prompt plus reply), when its config names one."""
 
     # -- requests in ----------------------------------------------------------------------------------------------
 
@@ -161,13 +167,12 @@ class App:
                 segments = render_text(parsed.prompt, tokenizer)[:-1]  # [bos] + text: no end-of-sequence
             ids, _ = encode_segments(segments, tokenizer)
         except (DsftError, ValueError) as exc:
-            param = "messages" if isinstance(parsed, ChatCompletionRequest) else "prompt"
+            param = _prompt_field(parsed)
             raise ApiError(400, f"{param}: {exc}", "invalid_request", param=param) from None
         cap = self.config.limits.max_prompt_tokens
         if len(ids) > cap:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {cap} are allowed", "prompt_too_long",
-                           param="messages" if isinstance(parsed, ChatCompletionRequest) else "prompt",
-                           code="context_length_exceeded")
+                           param=_prompt_field(parsed), code="context_length_exceeded")
         return ids, "".join(segment.text for segment in segments)
 
     def max_tokens(self, parsed) -> int:
@@ -180,6 +185,23 @@ class App:
                            "max_tokens_too_large", param=field_name)
         return requested
 
+    def fit_context(self, parsed, prompt_tokens: int, max_tokens: int) -> int:
+        """max_tokens within the model's context window: a default budget is cut to what is left after the
+        prompt; a requested one that does not fit, or a prompt that leaves no room, is a 400."""
+        context = self.context_tokens
+        if context is None or prompt_tokens + max_tokens <= context:
+            return max_tokens
+        requested, field_name = parsed.requested_max_tokens()
+        if requested is None and prompt_tokens < context:
+            return context - prompt_tokens
+        if requested is None:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens and leaves no room in the model's context of "
+                                f"{context}", "context_length_exceeded", param=_prompt_field(parsed),
+                           code="context_length_exceeded")
+        raise ApiError(400, f"the model's context is {context} tokens and the prompt takes {prompt_tokens}: "
+                            f"{field_name} {requested} does not fit (at most {max(0, context - prompt_tokens)})",
+                       "context_length_exceeded", param=field_name, code="context_length_exceeded")
+
     async def call(self, request: Request, endpoint: str) -> Call:
         """Authorize, read, parse and resolve one generation request; every refusal is an ApiError (4xx)."""
         started_s = time.perf_counter()
@@ -189,6 +211,7 @@ class App:
         max_tokens = self.max_tokens(parsed)  # before a canary draws a version for a request it then refuses
         served = self.resolve(parsed.model, request)
         ids, prompt_text = self.prompt(parsed, served)
+        max_tokens = self.fit_context(parsed, len(ids), max_tokens)
         # Counted once the request is accepted, so a canary's split counts the requests each version answers.
         self.metrics.routed.labels(self._requested_label(parsed.model), served.name).inc()
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"

@@ -356,6 +356,23 @@ def test_tokens_after_a_stop_string_are_not_counted(served_a):
         assert chunks[-1].usage.completion_tokens == through_stop
 
 
+def test_the_reply_budget_fits_the_model_s_context(served_a):
+    engine = StandIn([("end", "stop")])
+    app = create_app(served_a, load_serve_config(None), engine=engine)
+    app.state.dsft.context_tokens = 40  # the preset's is 4,096, more than the default caps ask for
+    with serve_in_thread(app) as url:
+        prompt_tokens = post(url, "/v1/chat/completions", chat_body(model="run", max_tokens=1)).json()["usage"][
+            "prompt_tokens"]
+        assert post(url, "/v1/chat/completions", chat_body(model="run")).status_code == 200
+        assert engine.jobs[-1].max_new_tokens == 40 - prompt_tokens  # the default budget, cut to what is left
+        assert post(url, "/v1/chat/completions", chat_body(model="run", max_tokens=40 - prompt_tokens)).status_code == 200
+        over = post(url, "/v1/chat/completions", chat_body(model="run", max_tokens=41 - prompt_tokens))
+        assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+        assert over.json()["error"]["code"] == "context_length_exceeded"
+        long = post(url, "/v1/chat/completions", chat_body("word " * 60, model="run"))
+        assert long.status_code == 400 and long.json()["error"]["param"] == "messages"
+
+
 def test_a_body_that_does_not_arrive_in_time_is_a_408(served_a):
     config = load_serve_config(None, ["serve.limits.request_timeout_s=0.5"])
 
