@@ -35,12 +35,12 @@ class ReplyText:
             return ""
         self.token_ids.extend(token_ids)
         decoded = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if decoded.endswith(_INCOMPLETE):
-            return ""
-        cut = self._stop_at(decoded)
+        cut = self._stop_at(decoded)  # first: the tokens that complete a stop string may also begin a character
         if cut is not None:
             self.stopped = True
             return self._release(decoded[:cut])
+        if decoded.endswith(_INCOMPLETE):
+            return ""
         return self._release(decoded[: len(decoded) - self._held_back(decoded)])
 
     def finish(self) -> str:

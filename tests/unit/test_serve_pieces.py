@@ -172,6 +172,9 @@ def test_reply_text_holds_back_incomplete_characters_and_possible_stop_strings()
     pieces = _feed(stopped, [ord(c) for c in "abEND more"])
     assert "".join(pieces) == "ab" and stopped.stopped
     assert _feed(ReplyText(CharTokenizer(), stop=[]), [ord(c) for c in "plain"]) == ["p", "l", "a", "i", "n", ""]
+    ends_in_half = ReplyText(CharTokenizer(), stop=["!"])  # tokens that end a stop string and begin a character
+    assert ends_in_half.extend([ord("a"), ord("!"), 0xFF00]) == "a" and ends_in_half.stopped
+    assert ends_in_half.finish() == "" and ends_in_half.text == "a"
 
 
 @pytest.mark.parametrize(("reply", "opens_thinking", "expected"), [
