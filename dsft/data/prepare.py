@@ -43,6 +43,7 @@ def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
     datasets.disable_progress_bars()  # the report gives the counts; per-map bars are noise
     started_s = time.perf_counter()
     out_dir = Path(config.output_dir)
+    _refuse_overwriting_inputs(config, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DUPLICATES_FILE).write_text("", encoding="utf-8")  # dedup steps append to it
     tokenizer = _tokenizer(config)
@@ -259,6 +260,17 @@ class _SplitWriter:
         self.file.close()
         write_fingerprint(self.path, self.digest.hexdigest(), self.digest.count)
         return {"path": str(self.path), "records": self.digest.count, "sha256": self.digest.hexdigest()}
+
+
+def _refuse_overwriting_inputs(config, out_dir: Path) -> None:
+    """Inputs are never modified: an output file that is one of them is a config error."""
+    import glob
+
+    outputs = {(out_dir / name).resolve() for name in [*(f"{split}.jsonl" for split in SPLITS), DUPLICATES_FILE]}
+    for pattern in config.inputs:
+        for path in glob.glob(pattern) or [pattern]:
+            if Path(path).resolve() in outputs:
+                raise DsftError(f"output_dir: {out_dir} would write over the input {path}; choose another output_dir")
 
 
 def _write_outputs(table, splits: dict, augments: list, config: PrepareConfig, fmt: str, tokenizer, out_dir: Path,

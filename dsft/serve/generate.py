@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dsft.data.chat import render_prompt
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Message
+from dsft.errors import DsftError
 from dsft.models.tokenizer import THINK_CLOSE
 
 
@@ -96,14 +97,22 @@ def stream_reply(model, tokenizer, ids: list[int], settings: DecodeSettings) -> 
         streamer=streamer,
         **settings.generate_kwargs(),
     )
-    worker = threading.Thread(target=_generate_no_grad, args=(model, kwargs), daemon=True)
+    failures: list[Exception] = []
+    worker = threading.Thread(target=_generate_no_grad, args=(model, kwargs, failures), daemon=True)
     worker.start()
     yield from streamer
     worker.join()
+    if failures:
+        raise DsftError(f"generation failed: {failures[0]}")
 
 
-def _generate_no_grad(model, kwargs: dict) -> None:
+def _generate_no_grad(model, kwargs: dict, failures: list[Exception]) -> None:
+    """generate in the worker thread; a failure is kept for the caller and ends the stream (else it waits forever)."""
     import torch
 
-    with torch.no_grad():
-        model.generate(**kwargs)
+    try:
+        with torch.no_grad():
+            model.generate(**kwargs)
+    except Exception as exc:  # reported by stream_reply in the caller's thread
+        failures.append(exc)
+        kwargs["streamer"].end()

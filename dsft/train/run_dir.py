@@ -32,15 +32,30 @@ def _prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
         if not list_checkpoints(run_dir / CHECKPOINTS_DIR):
             raise DsftError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}; set train.save_steps to write them")
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DsftError(f"output.dir {run_dir} is a file; choose a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not output.overwrite:
             raise DsftError(
                 f"output.dir {run_dir} already holds a run; continue it with --resume, "
                 "replace it with output.overwrite: true, or choose another output.dir"
             )
+        _check_replaceable(run_dir)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _check_replaceable(run_dir: Path) -> None:
+    """output.overwrite deletes a run, never anything else: not the working directory (or one holding it), where
+    the config and data may live, and not a directory without a run's config.yaml."""
+    resolved, cwd = run_dir.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise DsftError(f"output.dir {run_dir} holds the working directory; output.overwrite would delete it, so "
+                        "choose a directory of its own for the run")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DsftError(f"output.dir {run_dir} holds files but no {CONFIG_FILE}, so it is not a dsft run; "
+                        "output.overwrite only replaces runs: choose another output.dir")
 
 
 def run_tokenizer(model: ModelConfig, run_dir: Path, training_texts: Callable[[], Iterable[str]]):

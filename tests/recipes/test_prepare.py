@@ -11,6 +11,7 @@ from dsft.config import load_config, load_yaml_model
 from dsft.data.fingerprint import read_fingerprint
 from dsft.data.prepare import run_prepare
 from dsft.data.prepare_config import PrepareConfig
+from dsft.errors import DsftError
 from dsft.train.sft import run_sft
 
 from .conftest import make_config
@@ -174,3 +175,14 @@ def test_long_text_records_are_chunked_with_overlap(tmp_path):
     assert len(chunks) > 1 and all(len(c["text"]) <= 120 for c in chunks)  # characters: no tokenizer configured
     assert chunks[0]["text"] == text[:120] and chunks[1]["text"].startswith(text[100:110])
     assert [c["chunk"] for c in chunks] == list(range(len(chunks)))
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tmp_path):
+    raw = write_raw(tmp_path)
+    train = raw.rename(tmp_path / "train.jsonl")
+    before = train.read_bytes()
+    config = yaml.safe_load(prepare_config(tmp_path, train, "unused").read_text(encoding="utf-8"))
+    config["output_dir"] = str(tmp_path)
+    with pytest.raises(DsftError, match="would write over the input"):
+        run_prepare(PrepareConfig.model_validate(config))
+    assert train.read_bytes() == before

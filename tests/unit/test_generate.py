@@ -22,3 +22,27 @@ def test_left_padding():
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert input_ids.dtype == torch.long
+
+
+def test_a_failing_stream_raises_instead_of_waiting_forever():
+    import pytest
+
+    from dsft.errors import DsftError
+    from dsft.serve.generate import stream_reply
+
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, **kwargs):
+            raise ValueError("max_new_tokens must be greater than 0")
+
+    class Tok:
+        pad_token_id = eos_token_id = 0
+
+        def decode(self, ids, **kwargs):
+            return ""
+
+    with pytest.raises(DsftError, match="max_new_tokens must be greater than 0"):
+        list(stream_reply(Failing(), Tok(), [1, 2], DecodeSettings(max_new_tokens=0)))
