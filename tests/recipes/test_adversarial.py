@@ -10,30 +10,56 @@ from dsft.config import load_config
 from dsft.train.classify import run_classify
 from dsft.train.sft import run_sft
 
+from ..learning import NOT_LEARNING, assert_learned, assert_not_learned, learning
 from .conftest import make_config, train_losses
-from .test_classify import classify_config, labelled_data  # noqa: F401 (a fixture)
+from .test_classify import classify_claims, classify_config, labelled_data  # noqa: F401 (a fixture)
+from .test_sft import sft_claims
+
+FGM = {"max_steps": 20, "adversarial": {"method": "fgm", "epsilon": 1.0}}
 
 
-def test_fgm_classifier_learns_the_planted_task(tmp_path, labelled_data):  # noqa: F811
+def fgm_classifier(tmp_path, labelled_data, **train) -> dict:  # noqa: F811
     path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-qwen2"}, method={"type": "full"},
-                           train={"max_steps": 20, "adversarial": {"method": "fgm", "epsilon": 1.0}})
-    summary = run_classify(load_config(path)).summary
-    # Chance is 1/3; measured 1.0 after 20 steps (without the attack: 1.0 from step 10).
-    assert summary["accuracy"] >= 0.8 and summary["steps"] == 20
+                           train={**FGM, **train})
+    return run_classify(load_config(path)).summary
+
+
+@learning
+def test_fgm_classifier_learns_the_planted_task(tmp_path, labelled_data):  # noqa: F811
+    summary = fgm_classifier(tmp_path, labelled_data)
+    assert_learned(classify_claims(summary))
+    assert summary["steps"] == 20
     assert summary["adversarial"] == {"method": "fgm", "epsilon": 1.0, "pgd_steps": 3, "pgd_alpha": 0.3}
     ledger = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert all(len(step["sample_ids"]) == 8 for step in ledger)  # the attack passes are not counted as samples
 
 
+@learning
+def test_fgm_classifier_that_does_not_learn_fails_the_claims(tmp_path, labelled_data):  # noqa: F811
+    assert_not_learned(classify_claims(fgm_classifier(tmp_path, labelled_data, **NOT_LEARNING)))
+
+
+PGD = {"max_steps": 12, "adversarial": {"method": "pgd", "epsilon": 0.5, "pgd_steps": 2}}
+
+
+@learning
 def test_pgd_with_lora_on_deepseek_v3_lowers_the_loss(tmp_path, tiny_data):
-    path = make_config(tmp_path, tiny_data, train={"max_steps": 4, "adversarial": {"method": "pgd", "epsilon": 0.5, "pgd_steps": 2}})
-    run_sft(load_config(path))
-    losses = train_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, 5)) and losses[4] < losses[1]
+    # 12 steps and the SFT claim (last 3 steps against the first): 4 steps' loss ratio (0.88 < 1.0) was within the
+    # batches' spread of a run that does not learn (step 4 / step 1 = 1.003 there).
+    run_sft(load_config(make_config(tmp_path, tiny_data, train=PGD)))
+    assert sorted(train_losses(tmp_path / "run")) == list(range(1, 13))
+    assert_learned(sft_claims(tmp_path / "run"))
+
+
+@learning
+def test_pgd_that_does_not_learn_fails_the_claims(tmp_path, tiny_data):
+    run_sft(load_config(make_config(tmp_path, tiny_data, train={**PGD, **NOT_LEARNING})))
+    assert_not_learned(sft_claims(tmp_path / "run"))
 
 
 def test_fgm_is_the_same_with_gradient_accumulation(tmp_path, tiny_data):
-    # The perturbation is normalised per sequence, so how a batch is split does not change the attack.
+    # The perturbation is normalised per sequence, so how a batch is split does not change the attack. Three steps in
+    # this process on one CPU path, sums of other shapes: rel 1e-4 holds on each CPU path the suite is checked on.
     losses = {}
     for batch_size, accumulation in ((8, 1), (4, 2)):
         (tmp_path / f"b{batch_size}").mkdir()

@@ -20,6 +20,25 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed (pip install deepspeed)")
 
 
+# Tolerances. Each comparison's two sides run on the same CPU path (the test's ATEN_CPU_CAPABILITY; OMP_NUM_THREADS=1
+# for every child, set by dsft_train) but with different micro-batch shapes, so their sums run in different orders:
+# equal up to rounding, not bitwise. Resuming replays the same shapes on the same path (rel 1e-5). Gathered weights
+# and adapters are compared at rtol 1e-3 (AdamW's steps are lr-sized, so a weight's rounding gap is of that order).
+FIRST_STEPS, FIRST_STEPS_REL, LATER_STEPS_REL = 2, 1e-4, 1e-3
+
+
+def assert_same_trajectory(got: dict[int, float], want: dict[int, float]) -> None:
+    """The same per-step losses. Step 1 (no update yet) and step 2 (after one full, evenly split step) agree to
+    rel 1e-4; AdamW turns rounding-level gradient differences into learning-rate-sized steps, so later steps drift
+    (rel 2.5e-4 at step 4 of the reward pairs below, on the default and avx2 paths) and get rel 1e-3. A real
+    weighting bug is far outside both: with the short step's micro-batches left unweighted (trl_stage's weight
+    forced to 1), step 2 moved by rel 2.4e-3 (DPO) and 5.0e-3 (reward), steps 3-4 by 1.3e-3 to 1.1e-1."""
+    assert list(got) == list(want)
+    for step, loss in want.items():
+        rel = FIRST_STEPS_REL if step <= FIRST_STEPS else LATER_STEPS_REL
+        assert got[step] == pytest.approx(loss, rel=rel), f"step {step}: {got} against {want}"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,7 +76,7 @@ def runs(tmp_path_factory, tiny_data) -> dict:
 def test_ddp_two_ranks_equal_one_process(runs):
     single, ddp = train_losses(runs["single"]), train_losses(runs["ddp"])
     assert list(ddp) == [1, 2, 3, 4]
-    assert ddp == pytest.approx(single, rel=1e-4)
+    assert_same_trajectory(ddp, single)
     ledger = [json.loads(line)["sample_ids"] for line in (runs["ddp"] / "samples.jsonl").read_text().splitlines()]
     consumed = [i for ids in ledger for i in ids]
     assert len(consumed) == len(set(consumed)) == 32  # 4 steps x 8: no sample repeated or dropped across ranks
@@ -99,7 +118,7 @@ def test_an_epoch_that_does_not_divide_trains_each_sample_once_across_ranks(tmp_
     sections = {**FULL_QWEN, "data": {"max_samples": 14}}
     single = _run(tmp_path, tiny_data, "single", sections=sections, batch_size=4, **small)
     ddp = _run(tmp_path, tiny_data, "ddp", "--nproc", "2", sections=sections, batch_size=2, **small)
-    assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-4)
+    assert_same_trajectory(train_losses(ddp), train_losses(single))
     ledger = [json.loads(line)["sample_ids"] for line in (ddp / "samples.jsonl").read_text().splitlines()]
     assert [len(ids) for ids in ledger] == [8, 6, 8, 6]
     for epoch in (ledger[:2], ledger[2:]):
@@ -128,8 +147,8 @@ def test_pairs_of_an_epoch_that_does_not_divide_train_once_and_weigh_the_same(tm
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         losses[name] = train_losses(tmp_path / name / "run")
     assert list(losses["ddp"]) == [1, 2, 3, 4]
-    assert losses["accumulated"] == pytest.approx(losses["one_batch"], rel=1e-4)
-    assert losses["ddp"] == pytest.approx(losses["one_batch"], rel=1e-4)
+    assert_same_trajectory(losses["accumulated"], losses["one_batch"])
+    assert_same_trajectory(losses["ddp"], losses["one_batch"])
     ledger = [json.loads(line)["sample_ids"] for line in (tmp_path / "ddp/run/samples.jsonl").read_text().splitlines()]
     assert [len(ids) for ids in ledger] == [8, 6, 8, 6]
     for epoch in (ledger[:2], ledger[2:]):
@@ -158,7 +177,7 @@ def test_multitask_heads_weigh_each_labelled_item_the_same_across_ranks(tmp_path
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         losses[name] = train_losses(tmp_path / name / "run")
     assert list(losses["ddp"]) == [1, 2, 3, 4]
-    assert losses["ddp"] == pytest.approx(losses["one_batch"], rel=1e-4)
+    assert_same_trajectory(losses["ddp"], losses["one_batch"])
 
 
 def test_a_failing_rank_stops_the_job_and_is_named(tmp_path, tiny_data):
@@ -172,7 +191,7 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume(runs, tmp_path, tiny_data)
     """FSDP2 on CPU workers (gloo): accelerate's own FSDP2 path, enabled by dsft where accelerate would fall back
     to DDP (distributed.enable_fsdp_on_cpu)."""
     run_dir = _run(tmp_path, tiny_data, "fsdp2", "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed="fsdp2")
-    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    assert_same_trajectory(train_losses(run_dir), train_losses(runs["single"]))
     assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["fsdp_config"]["version"] == 2
     # Written only by accelerate's FSDP checkpoint code: the run really was sharded, not DDP.
     assert (run_dir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
@@ -206,7 +225,7 @@ def test_fsdp2_lora_on_deepseek_moe_equals_one_process(tmp_path, tiny_data):
     small = {"max_steps": 3, "save_steps": None}
     single = _run(tmp_path, tiny_data, "single", sections={}, **small)
     fsdp2 = _run(tmp_path, tiny_data, "fsdp2", "--nproc", "2", sections={}, batch_size=4, distributed="fsdp2", **small)
-    assert train_losses(fsdp2) == pytest.approx(train_losses(single), rel=1e-4)
+    assert_same_trajectory(train_losses(fsdp2), train_losses(single))
     _assert_same_adapter(fsdp2, single)
 
 
@@ -214,7 +233,7 @@ def test_fsdp2_lora_on_deepseek_moe_equals_one_process(tmp_path, tiny_data):
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_two_ranks_equal_one_process(runs, tmp_path, tiny_data, engine):
     run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine)
-    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    assert_same_trajectory(train_losses(run_dir), train_losses(runs["single"]))
     assert json.loads((run_dir / "distributed.json").read_text())["training_arguments"]["deepspeed"]
     assert {p.name for p in run_dir.iterdir()} == {p.name for p in runs["single"].iterdir()}
     _assert_same_weights(run_dir, runs["ddp"])  # gathered from the shards: the model DDP trained
@@ -266,7 +285,7 @@ def test_deepseek_moe_lora_under_deepspeed_equals_one_process(tmp_path, tiny_dat
     single = _run(tmp_path, tiny_data, "single", sections=model, **small)
     sharded = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=model, batch_size=4, distributed=engine,
                    **small)
-    assert train_losses(sharded) == pytest.approx(train_losses(single), rel=1e-4)
+    assert_same_trajectory(train_losses(sharded), train_losses(single))
     _assert_same_adapter(sharded, single)
 
 
@@ -285,7 +304,7 @@ def test_chunked_loss_runs_through_the_data_parallel_wrapper(runs, tmp_path, tin
     # so its gradients are synchronised like the model's own: the same losses and weights as one process.
     run_dir = _run(tmp_path, tiny_data, engine, "--nproc", "2", sections=FULL_QWEN, batch_size=4, distributed=engine,
                    chunked_loss="on", loss_chunk_tokens=16, save_steps=None)
-    assert train_losses(run_dir) == pytest.approx(train_losses(runs["single"]), rel=1e-4)
+    assert_same_trajectory(train_losses(run_dir), train_losses(runs["single"]))
     speed = json.loads((run_dir / "summary.json").read_text())["speed"]
     assert (speed["chunked_loss"], speed["loss_chunk_tokens"], speed["chunked_loss_micro_batches"]) == (True, 16, 4)
     _assert_same_weights(run_dir, runs["ddp"])

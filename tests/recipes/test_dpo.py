@@ -17,6 +17,7 @@ from dsft.errors import DsftError
 from dsft.serve.generate import prompt_ids
 from dsft.train.dpo import run_dpo
 
+from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning
 from .conftest import QUICKSTART, make_config, read_metrics
 
 POLITE, RUDE = "happy to help.", "stop asking."
@@ -47,23 +48,48 @@ def dpo_config(tmp_path, files, **sections):
     return path
 
 
+LORA_DPO = {"beta": 0.1}
+# At learning rate 3e-3 the margin of a logged batch swung between 1.0 and 1.8 from log to log, and where it landed
+# after 16 steps depended on the CPU path (gain 0.66 on one AVX-512 machine, 1.26-1.39 here); at 1e-3 it climbs
+# smoothly and 32 steps land it at the same place on every path (tests/cpu_paths.sh, AMD EPYC, torch 2.13):
+#   train margin gain 2.109 on default, avx2 and avx512 (1 and 2 threads), bound 1.0;
+#   validation log-prob margin gain 22.73 (default), 22.80 (avx2, avx512), bound 5; both accuracies 1.0.
+# The same run at learning rate 1e-12 (does not learn): gain under 1e-6, accuracies 0.06-0.28.
+LORA_DPO_TRAIN = {"learning_rate": 1e-3, "max_steps": 32}
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, preference_files):
     """LoRA DPO on tiny DeepSeek-V3, run in process so the trained model can be inspected."""
     tmp_path = tmp_path_factory.mktemp("lora")
-    return run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo={"beta": 0.1})))
+    return run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo=LORA_DPO, train=LORA_DPO_TRAIN)))
 
 
+def dpo_claims(summary: dict) -> list[Claim]:
+    """What LoRA DPO on the planted preference must move."""
+    return [
+        Claim("train reward margin, last log - first", summary["train_rewards_margins_last_log"]
+              - summary["train_rewards_margins_first_log"], ">", 1.0),
+        Claim("train reward accuracy, last log", summary["train_rewards_accuracies_last_log"], ">=", 0.9),
+        Claim("validation reward accuracy", summary["eval_rewards_accuracies"], ">=", 0.9),
+        Claim("validation log p(chosen) - log p(rejected), after - before",
+              summary["eval_logps_margin_after"] - summary["eval_logps_margin_before"], ">", 5),
+    ]
+
+
+@learning
 def test_lora_dpo_raises_margin_and_accuracy_on_the_planted_preference(lora_run):
     summary = lora_run.summary
-    # Measured: margin 0.24 at step 2 -> 1.59 at step 16, accuracy 0.5 -> 1.0; validation reward accuracy 1.0;
-    # log p(chosen) - log p(rejected) on validation -6.6 before training, +9.1 after.
-    assert summary["train_rewards_margins_last_log"] > summary["train_rewards_margins_first_log"] + 1.0
-    assert summary["train_rewards_accuracies_last_log"] >= 0.9 and summary["eval_rewards_accuracies"] >= 0.9
-    assert summary["eval_logps_margin_after"] > summary["eval_logps_margin_before"] + 5
+    assert_learned(dpo_claims(summary))
     assert summary["dpo"]["reference"].startswith("the policy with its LoRA adapter disabled")
     logged = [r for r in read_metrics(lora_run.run_dir) if "loss" in r]
-    assert len(logged) == 8 and all({"rewards/margins", "rewards/accuracies", "rewards/chosen"} <= set(r) for r in logged)
+    assert len(logged) == 16 and all({"rewards/margins", "rewards/accuracies", "rewards/chosen"} <= set(r) for r in logged)
+
+
+@learning
+def test_lora_dpo_that_does_not_learn_fails_the_claims(tmp_path, preference_files):
+    assert_not_learned(dpo_claims(run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo=LORA_DPO,
+                                                                  train={**LORA_DPO_TRAIN, **NOT_LEARNING}))).summary))
 
 
 def test_lora_dpo_leaves_base_weights_bit_identical_and_loads_in_plain_peft(lora_run):
@@ -87,6 +113,7 @@ def test_lora_dpo_leaves_base_weights_bit_identical_and_loads_in_plain_peft(lora
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@learning
 def test_full_dpo_resumes_from_its_checkpoint_and_loads_in_plain_transformers(tmp_path, preference_files):
     from transformers import AutoModelForCausalLM
 
@@ -103,7 +130,8 @@ def test_full_dpo_resumes_from_its_checkpoint_and_loads_in_plain_transformers(tm
     ledger = [json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert ledger == list(range(1, 10))  # every step once: the resumed run continued at step 7
     margins = [r["rewards/margins"] for r in read_metrics(run_dir) if "rewards/margins" in r]
-    assert margins[-1] > margins[0]
+    # 1.572 on every path of tests/cpu_paths.sh; the LoRA run's twin that does not learn stays within 2e-7 of 0.
+    assert_learned([Claim("train reward margin, last log - first", margins[-1] - margins[0], ">", 0.5)])
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     assert model.config.architectures == ["Qwen2ForCausalLM"]
 

@@ -43,6 +43,7 @@ def _logits(model, tokenizer):
 
 
 def _assert_same_logits(exported, run_dir):
+    # This process, one CPU path; merged weights against base + adapter: rtol 1e-5 holds on each path the suite checks.
     model, tokenizer, _ = load_run(run_dir)
     torch.testing.assert_close(_logits(exported, tokenizer), _logits(model, tokenizer), rtol=1e-5, atol=1e-5)
 

@@ -3,6 +3,7 @@ dsft's group formula, prompts are dsft's ids, LoRA's reference is the adapter-di
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dsft.serve.generate import prompt_ids
 from dsft.train.grpo import run_grpo
 from dsft.train.rl_math import group_advantages
 
+from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning
 from .conftest import logs_with_and_without_packing, read_metrics
 from .rl_start import LOW_FIRST_DIGIT, one_thread, prompts_file, rl_config, sft_start  # noqa: F401 (autouse)
 
@@ -29,21 +31,42 @@ def start(tmp_path_factory):
     return run_dir, prompts_file(run_dir.parent)
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, start):
-    tmp_path = tmp_path_factory.mktemp("grpo-full")
-    path = rl_config(tmp_path, *start, "grpo", grpo=GRPO)
+def train_full(tmp_path, start, **train) -> Path:
+    """`dsft train` of GRPO on full tiny-qwen2 from the SFT start; the run directory."""
+    path = rl_config(tmp_path, *start, "grpo", grpo=GRPO, train=train)
     result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return tmp_path / "run"
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, start):
+    return train_full(tmp_path_factory.mktemp("grpo-full"), start)
+
+
+def grpo_claims(run_dir: Path) -> list[Claim]:
+    """The mean reward (over the first and the last 3 steps) rises, and the policy leaves its reference."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [r for r in read_metrics(run_dir) if "reward" in r]
+    assert summary["reward_first"] <= 0.7  # about half the SFT start's answers begin with 1-4
+    # Measured on every path of tests/cpu_paths.sh (AMD EPYC; default, avx2, avx512; 1 and 2 threads; MKL's own and
+    # its compatible summation order): reward 0.917, gain 0.406, KL 1.275-1.276; a run that does not learn: 0.375,
+    # -0.052, KL 0. The reward's bound sits above what the SFT start scores (at most 0.7) and 0.17 under the value.
+    return [Claim("mean reward, last 3 steps", summary["reward_last"], ">=", 0.75),
+            Claim("mean reward, last 3 steps - first 3", summary["reward_last"] - summary["reward_first"], ">=", 0.25),
+            Claim("KL to the reference, last step", records[-1]["kl"], ">", 1e-3)]
+
+
+@learning
 def test_grpo_raises_the_mean_reward(full_run):
     summary = json.loads((full_run / "summary.json").read_text())
-    # Measured: 0.44 at step 1 (0.51 over the first 3 steps), 0.92 over the last 3 of 16 steps.
     assert summary["stage"] == "grpo" and summary["steps"] == 16 and summary["loss_type"] == "grpo"
-    assert summary["reward_first"] <= 0.7 and summary["reward_last"] >= 0.85
-    assert summary["reward_last"] - summary["reward_first"] >= 0.25
+    assert_learned(grpo_claims(full_run))
+
+
+@learning
+def test_grpo_that_does_not_learn_fails_the_claims(tmp_path, start):
+    assert_not_learned(grpo_claims(train_full(tmp_path, start, **NOT_LEARNING)))
 
 
 def test_each_step_logs_reward_spread_components_kl_entropy_and_clipping(full_run):
@@ -52,8 +75,9 @@ def test_each_step_logs_reward_spread_components_kl_entropy_and_clipping(full_ru
     for key in ("loss", "reward", "reward_std", "reward_low_first_digit", "reward_low_first_digit_std", "kl",
                 "entropy", "clip_fraction", "completion_length_tokens"):
         assert all(math.isfinite(r[key]) for r in records), key
-    assert records[0]["kl"] == 0.0  # the first batch is sampled from the reference itself
-    assert records[-1]["kl"] > 0.0
+    # The first batch is sampled from the reference itself: its KL is 0 up to the rounding of two forward passes
+    # (exactly 0.0 on one machine's kernels; a tolerance holds on every CPU path).
+    assert abs(records[0]["kl"]) < 1e-6
     assert not any(key.startswith("rewards/") for key in records[0])  # TRL's names became dsft's
 
 

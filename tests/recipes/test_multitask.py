@@ -4,6 +4,7 @@ each record labelled for only some heads; train, per-head metrics and losses, sa
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from dsft.config import load_config
 from dsft.models.load import load_run
 from dsft.train.multitask import run_multitask
 
+from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning
 from .conftest import logs_with_and_without_packing, read_metrics
 
 PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
@@ -77,22 +79,41 @@ def multitask_config(tmp_path, data, model, method, **train):
     return path
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, multitask_data):
-    tmp_path = tmp_path_factory.mktemp("full")
-    path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-qwen2"}, {"type": "full"}, save_steps=20)
+def train_full(tmp_path, multitask_data, **train) -> Path:
+    """`dsft train` of full tiny-qwen2 with the three heads; the run directory."""
+    path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-qwen2"}, {"type": "full"}, **train)
     result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return tmp_path / "run"
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, multitask_data):
+    return train_full(tmp_path_factory.mktemp("full"), multitask_data, save_steps=20)
+
+
+def full_claims(run_dir: Path) -> list[Claim]:
+    """40 validation records, each head labelled in about 3 of 4: intent (chance 1/3), compliance (chance 1/2),
+    NER (span F1 near 0 by chance; token accuracy 0.81 when every tag is O). Measured on every path of
+    tests/cpu_paths.sh (AMD EPYC; default, avx2, avx512; 1 and 2 threads; MKL's own and its compatible summation
+    order): intent 0.971, compliance 0.963, F1 0.532, token accuracy 0.922, intent loss ratio 0.202; a run that does
+    not learn: 0.206, 0.407, 0.078, 0.297, 1.01. The loss ratio's bound sits midway (0.25 was 0.05 from the value);
+    token accuracy's stays above the all-O score."""
+    tasks = json.loads((run_dir / "summary.json").read_text())["tasks"]
+    train_records = [r for r in read_metrics(run_dir) if "loss" in r]
+    return [Claim("intent validation accuracy", tasks["intent"]["accuracy"], ">=", 0.8),
+            Claim("compliance validation accuracy", tasks["compliance"]["accuracy"], ">=", 0.8),
+            Claim("NER validation span F1", tasks["ner"]["f1"], ">=", 0.35),
+            Claim("NER validation token accuracy", tasks["ner"]["token_accuracy"], ">=", 0.85),
+            Claim("intent train loss, last log / first", train_records[-1]["loss_intent"]
+                  / train_records[0]["loss_intent"], "<", 0.5)]
+
+
+@learning
 def test_each_head_learns_from_its_labelled_records(full_run):
+    assert_learned(full_claims(full_run))
     summary = json.loads((full_run / "summary.json").read_text())
     tasks = summary["tasks"]
-    # 40 validation records, each head labelled in about 3 of 4. Measured after 40 steps: intent accuracy 0.97
-    # (chance 1/3), compliance accuracy 0.96 (chance 1/2), NER span F1 0.53 (token accuracy 0.92; all O: 0.81).
-    assert tasks["intent"]["accuracy"] >= 0.8 and tasks["compliance"]["accuracy"] >= 0.8
-    assert tasks["ner"]["f1"] >= 0.35 and tasks["ner"]["token_accuracy"] >= 0.85
     assert {name: tasks[name]["labelled"] for name in tasks} == summary["labelled"]["validation"] == \
         {"ner": 28, "intent": 34, "compliance": 27}
     assert set(tasks["intent"]["per_class"]) == {"book", "greet", "weather"}
@@ -101,11 +122,15 @@ def test_each_head_learns_from_its_labelled_records(full_run):
     records = read_metrics(full_run)
     train_records = [r for r in records if "loss" in r]
     assert len(train_records) == 8 and all({"loss_ner", "loss_intent", "loss_compliance"} <= set(r) for r in train_records)
-    assert train_records[-1]["loss_intent"] < train_records[0]["loss_intent"] / 4
     evals = [r for r in records if "eval_intent_accuracy" in r]
     assert [r["step"] for r in evals] == [20, 40, 40]  # two evaluations and the final one
     assert evals[-1]["eval_ner_f1"] == tasks["ner"]["f1"] and evals[-1]["eval_compliance_labelled"] == 27
     assert not list(full_run.rglob("*.bin")) or all(p.name == "training_args.bin" for p in full_run.rglob("*.bin"))
+
+
+@learning
+def test_heads_that_do_not_learn_fail_the_claims(tmp_path, multitask_data):
+    assert_not_learned(full_claims(train_full(tmp_path, multitask_data, **NOT_LEARNING)))
 
 
 def test_saved_run_loads_back_with_the_trained_weights(full_run):
@@ -157,6 +182,7 @@ def test_resume_continues_to_the_same_weights(full_run, multitask_data, tmp_path
     result = CliRunner().invoke(app, ["train", str(path), "--resume"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.output and "checkpoint-20" in result.output
+    # The same shapes replayed on the same CPU path in this process: bitwise equal on any path.
     for name in ("heads.safetensors", "model.safetensors"):
         expected, resumed = load_file(str(full_run / name)), load_file(str(resumed_dir / name))
         assert all(torch.equal(expected[key], resumed[key]) for key in expected)
@@ -164,13 +190,16 @@ def test_resume_continues_to_the_same_weights(full_run, multitask_data, tmp_path
     assert losses == {r["step"]: r["loss_ner"] for r in read_metrics(full_run) if "loss_ner" in r}
 
 
+@learning
 def test_lora_on_deepseek_v3_adapts_the_backbone_and_trains_the_heads(tmp_path, multitask_data):
     path = multitask_config(tmp_path, multitask_data, {"preset": "tiny-deepseek-v3"},
                             {"type": "lora", "lora": {"r": 8, "alpha": 64}}, eval_steps=None)
     result = run_multitask(load_config(path))
     tasks = result.summary["tasks"]
-    # Measured after 40 steps: intent 1.0 (chance 1/3), compliance 1.0 (chance 1/2), NER span F1 0.28.
-    assert tasks["intent"]["accuracy"] >= 0.8 and tasks["compliance"]["accuracy"] >= 0.8 and tasks["ner"]["f1"] >= 0.15
+    # Chance: intent 1/3, compliance 1/2, NER span F1 near 0.
+    assert_learned([Claim("intent validation accuracy", tasks["intent"]["accuracy"], ">=", 0.8),
+                    Claim("compliance validation accuracy", tasks["compliance"]["accuracy"], ">=", 0.8),
+                    Claim("NER validation span F1", tasks["ner"]["f1"], ">=", 0.15)])
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or n.startswith("heads.") for n in trained)
     assert {f"heads.{h['name']}.{w}" for h in HEADS for w in ("weight", "bias")} <= trained
@@ -188,6 +217,7 @@ def test_lora_on_deepseek_v3_adapts_the_backbone_and_trains_the_heads(tmp_path, 
         torch.testing.assert_close(loaded[name], in_memory[name], rtol=0, atol=1e-5)
 
 
+@learning
 def test_eval_scores_each_head_on_its_labelled_records(full_run, multitask_data, tmp_path):
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", str(full_run), "--data", str(multitask_data), "--out", str(out)],
@@ -198,7 +228,9 @@ def test_eval_scores_each_head_on_its_labelled_records(full_run, multitask_data,
     assert {name: head["labelled_records"] for name, head in heads.items()} == {
         "ner": sum("ner_tags" in r for r in lines), "intent": sum("intent" in r for r in lines),
         "compliance": sum("compliant" in r for r in lines)}
-    assert heads["intent"]["report"]["accuracy"] >= 0.8 and heads["ner"]["report"]["entities"] > 0
+    assert heads["ner"]["report"]["entities"] > 0
+    assert_learned([Claim("intent accuracy of dsft eval on the 160 records", heads["intent"]["report"]["accuracy"],
+                          ">=", 0.8)])
     assert (out / "target" / "intent" / "confusion_matrix.png").is_file()
 
 
@@ -216,7 +248,8 @@ def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, multitask_da
 
 def test_accumulated_micro_batches_equal_one_batch(tmp_path, multitask_data):
     """Partially labelled records: batch 4 x 2 accumulation steps logs the losses of batch 8, each head's loss a
-    mean over the step's labelled items (MultitaskTrainer), not a mean of micro-batch means."""
+    mean over the step's labelled items (MultitaskTrainer), not a mean of micro-batch means. Three steps in this
+    process on one CPU path, sums of other shapes: rtol 1e-4 holds on each CPU path the suite is checked on."""
     losses = {}
     for name, train in (("one_batch", {"batch_size": 8}), ("accumulated", {"batch_size": 4, "grad_accum_steps": 2})):
         (tmp_path / name).mkdir()

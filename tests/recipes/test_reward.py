@@ -13,6 +13,7 @@ from dsft.data.dataset import DataStats
 from dsft.data.preference_data import load_pairs
 from dsft.models.reward import load_reward_model
 
+from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning
 from .conftest import QUICKSTART, logs_with_and_without_packing, make_config, read_metrics
 
 POLITE, RUDE = "happy to help.", "stop asking."
@@ -48,20 +49,35 @@ def reward_config(tmp_path, files, **sections):
     return path
 
 
+def train_full(tmp_path, preference_files, **train) -> dict:
+    """`dsft train` of a full tiny-qwen2 reward model; its summary.json."""
+    path = reward_config(tmp_path, preference_files, model={"preset": "tiny-qwen2"}, method={"type": "full"},
+                         train=train)
+    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, preference_files):
     tmp_path = tmp_path_factory.mktemp("full")
-    path = reward_config(tmp_path, preference_files, model={"preset": "tiny-qwen2"}, method={"type": "full"})
-    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    train_full(tmp_path, preference_files)
     return tmp_path / "run"
 
 
+def reward_claims(summary: dict) -> list[Claim]:
+    # Chance is 0.5; the random head of tiny-qwen2 prefers the rude ending (accuracy 0 before training). On every
+    # path of tests/cpu_paths.sh: accuracy 1.0 and margin 7.40; a run that does not learn: 0.0 and -0.048 (so a
+    # margin bound of 0 would sit inside a random head's spread).
+    return [Claim("validation pairwise accuracy", summary["pairwise_accuracy"], ">=", 0.9),
+            Claim("validation reward margin (chosen - rejected)", summary["eval_margin"], ">", 1.0)]
+
+
+@learning
 def test_reward_model_learns_the_planted_preference(full_run):
     summary = json.loads((full_run / "summary.json").read_text())
-    # Chance is 0.5; measured 0.0 before training (the random head prefers the rude ending), 1.0 at steps 12 and 24.
-    assert summary["pairwise_accuracy"] >= 0.9 and summary["steps"] == 24
-    assert summary["pairwise_accuracy_before"] is not None and summary["eval_margin"] > 0
+    assert_learned(reward_claims(summary))
+    assert summary["steps"] == 24 and summary["pairwise_accuracy_before"] is not None
     evaluations = [r for r in read_metrics(full_run) if "eval_pairwise_accuracy" in r]
     assert [r["step"] for r in evaluations][:3] == [0, 12, 24]  # before training, then every eval_steps
     assert evaluations[-1]["eval_pairwise_accuracy"] == summary["pairwise_accuracy"]
@@ -69,6 +85,11 @@ def test_reward_model_learns_the_planted_preference(full_run):
     assert {"accuracy", "margin", "mean_reward"} <= set(train_logs[-1])
     model_config = json.loads((full_run / "config.json").read_text())
     assert model_config["architectures"] == ["Qwen2ForSequenceClassification"] and model_config["id2label"] == {"0": "reward"}
+
+
+@learning
+def test_reward_model_that_does_not_learn_fails_the_claims(tmp_path, preference_files):
+    assert_not_learned(reward_claims(train_full(tmp_path, preference_files, **NOT_LEARNING)))
 
 
 def test_reward_function_orders_validation_pairs_as_training_measured(full_run, preference_files):

@@ -95,7 +95,7 @@ def test_full_sft_weights_move_exactly_from_their_steps_and_resume_keeps_the_sch
     assert min(resumed.weights) == 4 and resumed.trained[5] == straight.trained[5] and resumed.trained[7] == straight.trained[7]
     for name in names:
         assert resumed.steps_that_changed(name) == list(range(max(expected_from[name], 5), 9)), name
-    for step in range(5, 9):
+    for step in range(5, 9):  # the same shapes on the same CPU path: equal to rounding on any path
         assert train_losses(run_dir)[step] == pytest.approx(straight_losses[step], rel=1e-6, abs=1e-7)
     assert [(r["step"], r["trainable_layers"]) for r in read_metrics(run_dir) if "trainable_layers" in r] == changes
 

@@ -1,7 +1,12 @@
 """dsft's varlen attention (dsft.models.varlen_attention): sequence bounds by hand; on CPU (SDPA per sequence) a
 packed row gives the loss and gradients of transformers' block-diagonal mask and of the same samples padded, for
 GQA (Qwen2), MLA (DeepSeek-V3, whose value heads are narrower) and Llama; padded batches and generation run sdpa;
-the speed plan picks it for packed rows on CUDA; on a GPU the flash kernel equals the per-sequence fallback."""
+the speed plan picks it for packed rows on CUDA; on a GPU the flash kernel equals the per-sequence fallback.
+
+Tolerances: both sides run in this process, on whatever CPU path it has, through sums of different shapes (one row of
+many sequences against padded rows), so they are equal up to rounding, not bitwise; one forward and backward, no
+optimizer step, so the gap stays at rounding size: loss rtol 1e-5, gradients rtol 1e-4 hold on each CPU path the
+suite is checked on (README, Tests)."""
 
 import importlib.util
 
