@@ -47,7 +47,7 @@ def build(shape: str, seed: int = 0):
     """(model in eval mode on the GPU if there is one, tokenizer, parameter count) of a random-init shape."""
     import torch
 
-    from dsft.models.tokenizer import train_bpe_tokenizer
+    from dsft.data.tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(make_prompts(2000, seed + 1), vocab_size=1024)
     cuda = torch.cuda.is_available()
@@ -78,7 +78,7 @@ def cover_vocabulary(tokenizer, vocab_size: int) -> None:
 def loop_baseline(model, tokenizer, prompts: list[str], max_tokens: int) -> dict:
     """One request at a time through generate (what a loop without a server does)."""
     from dsft.data.formats import Message
-    from dsft.serve.generate import DecodeSettings, prompt_ids
+    from dsft.models.generate import DecodeSettings, prompt_ids
 
     settings = DecodeSettings(max_new_tokens=max_tokens)
     ids = [prompt_ids([Message("user", p)], TEMPLATE, tokenizer) for p in prompts]
@@ -215,7 +215,7 @@ def batching_row(before: dict, after: dict) -> dict:
 
 def serve_levels(model, tokenizer, args, levels: list[int], keep) -> None:
     """Serve the model and measure each level of clients; keep(row) gets each level's row as soon as it is done."""
-    from dsft.config_serve import load_serve_config
+    from dsft.config.serve import load_serve_config
     from dsft.serve.models import ServedModel, ServedModels
     from dsft.serve.server import create_app, serve_in_thread
 

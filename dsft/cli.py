@@ -34,7 +34,7 @@ System = Annotated[str | None, typer.Option(help="System prompt.")]
 
 
 def _decode(max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int):
-    from dsft.serve.generate import DecodeSettings
+    from dsft.models.generate import DecodeSettings
 
     return DecodeSettings(max_new_tokens, sample, temperature, top_p, top_k)
 

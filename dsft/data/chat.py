@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from dsft.data.formats import Message
+from dsft.data.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
 from dsft.errors import DsftError
-from dsft.models.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
 
 TEMPLATES = ("deepseek_v3", "deepseek_r1", "tokenizer")
 LOSS_ON = ("assistant", "final_assistant", "all")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dsft.data.read import RawRecord, json_type
+from dsft.data.tokenizer import THINK_CLOSE, THINK_OPEN
 from dsft.errors import DsftError
-from dsft.models.tokenizer import THINK_CLOSE, THINK_OPEN
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")

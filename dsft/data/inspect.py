@@ -33,7 +33,7 @@ def inspect_file(path: str, tokenizer_path: str | None = None, samples: int = 3,
     console = console or Console(soft_wrap=True)
     tokenizer = None
     if tokenizer_path:
-        from dsft.models.tokenizer import load_tokenizer
+        from dsft.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
     first = next(iter(read_records(path)), None)

@@ -64,7 +64,7 @@ def run_prepare(config: PrepareConfig, console: Console | None = None) -> dict:
 def _tokenizer(config: PrepareConfig):
     if config.tokenizer is None:
         return None
-    from dsft.models.tokenizer import load_tokenizer
+    from dsft.data.tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(config.tokenizer)

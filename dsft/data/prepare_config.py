@@ -11,12 +11,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dsft.config import _as_list, _Section
+from dsft.config.base import Section, as_list
 
 PII_KINDS = ("email", "phone", "cn_id", "bank_card", "ip")
 
 
-class CleanStep(_Section):
+class CleanStep(Section):
     step: Literal["clean"]
     """Text cleanup of every text field."""
     nfkc: bool = True
@@ -35,7 +35,7 @@ class CleanStep(_Section):
     """Remove digits 0-9."""
 
 
-class LengthFilterStep(_Section):
+class LengthFilterStep(Section):
     step: Literal["filter_length"]
     """Drop records whose token count (all text fields, the configured tokenizer) is out of bounds."""
     min_tokens: int = Field(1, ge=0)
@@ -44,7 +44,7 @@ class LengthFilterStep(_Section):
     """Most tokens a record may have; none: no upper bound."""
 
 
-class LanguageFilterStep(_Section):
+class LanguageFilterStep(Section):
     step: Literal["filter_language"]
     """Keep records written in the given languages, by script: zh (Han characters) or en (Latin letters)."""
     languages: list[Literal["zh", "en"]] = Field(min_length=1)
@@ -53,7 +53,7 @@ class LanguageFilterStep(_Section):
     """Share of the letters that must be in a kept language's script."""
 
 
-class QualityFilterStep(_Section):
+class QualityFilterStep(Section):
     step: Literal["filter_quality"]
     """Heuristic quality filter."""
     max_repetition_ratio: float = Field(0.3, gt=0.0, le=1.0)
@@ -64,7 +64,7 @@ class QualityFilterStep(_Section):
     """Fewest characters an answer (output / final assistant turn) may have."""
 
 
-class ClassifierFilterStep(_Section):
+class ClassifierFilterStep(Section):
     step: Literal["filter_classifier"]
     """Drop records a user quality classifier scores low."""
     function: str
@@ -73,7 +73,7 @@ class ClassifierFilterStep(_Section):
     """Records scoring below this are dropped."""
 
 
-class DedupStep(_Section):
+class DedupStep(Section):
     step: Literal["dedup"]
     """Remove duplicates, keeping the first record of each cluster."""
     exact: bool = True
@@ -88,7 +88,7 @@ class DedupStep(_Section):
     """Length of the character shingles."""
 
 
-class PiiStep(_Section):
+class PiiStep(Section):
     step: Literal["pii"]
     """Mask or hash personal data in every text field."""
     kinds: list[Literal["email", "phone", "cn_id", "bank_card", "ip"]] = list(PII_KINDS)
@@ -107,7 +107,7 @@ class PiiStep(_Section):
         return self
 
 
-class ChunkStep(_Section):
+class ChunkStep(Section):
     step: Literal["chunk"]
     """Split long text records into overlapping windows of tokens (text format only)."""
     max_tokens: int = Field(ge=8)
@@ -122,7 +122,7 @@ class ChunkStep(_Section):
         return self
 
 
-class BalanceStep(_Section):
+class BalanceStep(Section):
     step: Literal["balance"]
     """Rebalance classes of the training split."""
     max_ratio: float = Field(3.0, ge=1.0)
@@ -131,7 +131,7 @@ class BalanceStep(_Section):
     """undersample: drop records of large classes; oversample: repeat records of small classes."""
 
 
-class AugmentStep(_Section):
+class AugmentStep(Section):
     step: Literal["augment"]
     """Add augmented copies of training records (marked "augmented": true)."""
     copies: int = Field(1, ge=1)
@@ -158,7 +158,7 @@ RecordStep = Annotated[
 TrainStep = Annotated[BalanceStep | AugmentStep, Field(discriminator="step")]
 
 
-class SplitConfig(_Section):
+class SplitConfig(Section):
     validation_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     """Share of records for validation."""
     test_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -181,7 +181,7 @@ class SplitConfig(_Section):
         return self
 
 
-class PrepareConfig(_Section):
+class PrepareConfig(Section):
     inputs: list[str] = Field(min_length=1)
     """Raw data files (jsonl, json, csv, parquet, datasets dirs); never modified."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
@@ -205,4 +205,4 @@ class PrepareConfig(_Section):
     chunk_records: int = Field(10_000, ge=1)
     """Records held in memory at a time while streaming."""
 
-    _as_lists = field_validator("inputs", mode="before")(_as_list)
+    _as_lists = field_validator("inputs", mode="before")(as_list)

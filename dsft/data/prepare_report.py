@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from dsft.eval.report import MISSING, escape_cell
+from dsft.markdown import MISSING, escape_cell
 from dsft.plots import new_figure, overlaid_histograms, save_png
 
 SPLITS = ("train", "validation", "test")

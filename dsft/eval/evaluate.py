@@ -15,12 +15,12 @@ from pathlib import Path
 from rich.console import Console
 
 from dsft import __version__
-from dsft.config import EvalConfig, apply_override
+from dsft.config import EvalConfig
+from dsft.config.eval import eval_settings
 from dsft.data.chat import render_conversation, render_prompt, render_text
 from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_optional
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Example, Message
-from dsft.errors import DsftError
 from dsft.eval.classification import (
     bootstrap_intervals,
     classification_report,
@@ -37,7 +37,7 @@ from dsft.eval.report import (
 from dsft.eval.speed import measure_speed
 from dsft.eval.targets import EvalTarget, load_target
 from dsft.eval.text_metrics import score_generations
-from dsft.serve.generate import (
+from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
     prompt_ids,
@@ -91,22 +91,6 @@ def run_eval(
     results = _results(data_path, data_format, items, settings, sections, predictions)
     _write(results, out, target_path, console)
     return results
-
-
-def eval_settings(base: EvalConfig, overrides) -> EvalConfig:
-    """base with `eval.key=value` overrides applied; raises DsftError naming a bad key or value."""
-    from pydantic import ValidationError
-
-    raw = {"eval": base.model_dump(mode="json")}
-    for override in overrides:
-        if not override.startswith("eval."):
-            raise DsftError(f"--set {override!r}: dsft eval takes eval.* settings only")
-        apply_override(raw, override)
-    try:
-        return EvalConfig.model_validate(raw["eval"])
-    except ValidationError as exc:
-        problems = "; ".join(f"eval.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise DsftError(f"invalid --set: {problems}") from None
 
 
 def _on_device(target: EvalTarget) -> EvalTarget:

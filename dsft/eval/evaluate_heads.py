@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib
 import json
 import time
 from pathlib import Path
@@ -23,10 +22,13 @@ from rich.table import Table
 
 from dsft import __version__
 from dsft.config import RunConfig
+from dsft.config.eval import eval_settings
 from dsft.data.read import RawRecord, read_records
 from dsft.errors import DsftError
 from dsft.eval.classification import bootstrap_intervals, classification_report
 from dsft.eval.error_analysis import confusion_markdown, worst_markdown, write_error_analysis
+from dsft.eval.speed import process_peak_memory
+from dsft.models.predict import predictor
 
 HEAD_TASKS = ("classification", "token_classification", "multitask")
 """Run tasks dsft eval scores with their labels (the rest are generative: dsft/eval/evaluate.py)."""
@@ -48,7 +50,6 @@ def run_head_eval(target_path: str, data_path: str, against_path: str | None, ou
     """Score a classifier run (and optionally another) on labelled records; writes results.json, report.md
     and the error analysis into out_dir (default RUN/eval). Raises DsftError for a task dsft eval cannot
     score, runs of different tasks, or a record without its label (naming file:line)."""
-    from dsft.eval.evaluate import eval_settings
     from dsft.models.load import load_run
 
     console = console or Console(soft_wrap=True)
@@ -80,10 +81,7 @@ def _score_run(model, tokenizer, config: RunConfig, records: list[RawRecord], se
     """Predict every record (timed) and score against its labels."""
     import torch
 
-    from dsft.serve.predict import PREDICTORS
-
-    module_name, function_name = PREDICTORS[config.task].split(":")
-    predict_batch = getattr(importlib.import_module(module_name), function_name)
+    predict_batch = predictor(config.task)
     predicted, batch_latencies_s = [], []
     with torch.no_grad():
         for start in range(0, len(records), settings.batch_size):
@@ -164,13 +162,11 @@ def _required(record: RawRecord, field: str):
 
 def _speed(batch_latencies_s: list[float], records: int, batch_size: int) -> dict:
     """Throughput over the whole pass, the median batch latency (first batch left out: warm-up), peak memory."""
-    from dsft.train.run_dir import peak_memory_bytes
-
     steady = sorted(batch_latencies_s[1:] or batch_latencies_s)
     total_s = sum(batch_latencies_s)
     return {"records_per_s": round(records / total_s, 2) if total_s else None, "batch_size": batch_size,
             "batch_latency_ms_p50": round(1000 * steady[len(steady) // 2], 2) if steady else None,
-            "peak_memory": peak_memory_bytes()}
+            "peak_memory": process_peak_memory()}
 
 
 def _write(results: dict, out: Path, console: Console) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from dsft.data.dataset import split_prompt_reference
 from dsft.data.formats import Example
 from dsft.eval.text_metrics import exact_match
-from dsft.serve.generate import (
+from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
     prompt_ids,

@@ -16,7 +16,7 @@ from dsft.data.dataset import split_prompt_reference
 from dsft.data.formats import Example
 from dsft.eval.perplexity import perplexity
 from dsft.eval.text_metrics import score_generations
-from dsft.serve.generate import (
+from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
     prompt_ids,

@@ -48,18 +48,6 @@ def _row(scores: dict) -> dict:
             "f1": float(scores["f1-score"]), "support": int(scores["support"])}
 
 
-def entity_spans(words: Sequence[str], tags: Sequence[str], separator: str) -> list[dict]:
-    """The entities the tags mark, read as ner_report reads them: {"type", "start_word", "end_word"
-    (exclusive), "text" (the words joined by separator)}, in order."""
-    from seqeval.metrics.sequence_labeling import get_entities
-
-    spans = []
-    for entity_type, start, last in get_entities(list(tags)):
-        spans.append({"type": entity_type, "start_word": start, "end_word": last + 1,
-                      "text": separator.join(words[start:last + 1])})
-    return spans
-
-
 def report_markdown(report: dict) -> str:
     """The per-type table (and the micro and macro rows) as markdown."""
     lines = ["| type | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]

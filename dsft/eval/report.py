@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from dsft.eval.classification import classification_markdown
+from dsft.markdown import MISSING, escape_cell
 from dsft.plots import new_figure, overlaid_histograms, save_png
 
 ROLES = ("target", "against")
@@ -20,12 +21,9 @@ ROLE_COLORS = {"target": "tab:blue", "against": "tab:orange"}
 HUNDRED_SCALE_METRICS = ("bleu", "chrf")
 """Metrics reported on 0..100 (sacrebleu's convention); every other metric but perplexity is on 0..1."""
 PERPLEXITY_METRICS = ("perplexity",)
-EXAMPLE_TEXT_CHARS = 300
-"""Longer prompts and outputs are cut in report.md so a table row stays readable."""
 MAX_EXAMPLES_SHOWN = 10
 """Won and lost examples shown each; results.json keeps them all."""
 SHA256_SHORT_CHARS = 12
-MISSING = "—"
 LOG_SCALE_RATIO = 30
 """Perplexity bars switch to a log axis when the largest is this many times the smallest."""
 
@@ -260,17 +258,6 @@ def plot_length_distribution(results: dict, out_png: Path) -> bool:
 
 
 # ---------------------------------------------------------------- report.md
-
-
-def escape_cell(text: str | None, max_chars: int = EXAMPLE_TEXT_CHARS) -> str:
-    """Text made safe for one markdown table cell: cut to max_chars, HTML and pipes escaped, newlines as <br>."""
-    if text is None:
-        return MISSING
-    if len(text) > max_chars:
-        text = text[:max_chars].rstrip() + " …"
-    # Model outputs hold tags like <think> that a markdown viewer would swallow as HTML.
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from dsft.serve.generate import pad_left
+from dsft.models.generate import pad_left
 
 REPEATS = 3
 
@@ -53,6 +53,18 @@ def peak_memory_bytes(device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def process_peak_memory() -> dict:
+    """Peak memory of this process: CUDA allocator peak when on GPU, resident set size always."""
+    import resource
+
+    import torch
+
+    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
 
 
 def measure_speed(model, prompts: Sequence[list[int]], pad_id: int, batch_size: int, new_tokens: int) -> dict:

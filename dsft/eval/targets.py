@@ -54,7 +54,7 @@ def load_target(name_or_path: str) -> EvalTarget:
 def _load_plain(name_or_path: str):
     from transformers import AutoModelForCausalLM
 
-    from dsft.models.tokenizer import load_tokenizer
+    from dsft.data.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(name_or_path)

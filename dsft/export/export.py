@@ -42,7 +42,8 @@ from dsft.export.weights import (
     write_shards,
 )
 from dsft.models import load
-from dsft.models.load import ADAPTER_CONFIG_FILE, BASE_MODEL_DIR, auto_model_class, run_task
+from dsft.models.auto import auto_model_class
+from dsft.models.load import ADAPTER_CONFIG_FILE, BASE_MODEL_DIR, run_task
 from dsft.paths import resolve_inside
 
 PROVENANCE_FILE = "dsft_export.json"

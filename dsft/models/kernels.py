@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 
 from dsft.config import TrainConfig
 from dsft.errors import DsftError
@@ -165,7 +166,7 @@ def _liger_blocker(cuda: bool, model_type: str) -> str | None:
 
 
 def _chunked_loss_blocker(model) -> str | None:
-    from dsft.train.chunked_loss import plain_linear_head
+    from dsft.models.chunked_loss import plain_linear_head
 
     config = _base_model(model).config.get_text_config()
     if getattr(config, "output_router_logits", False):
@@ -181,9 +182,9 @@ def _sharded_head_blocker(engine: str) -> str | None:
     """DeepSpeed ZeRO-3 gathers the lm_head weight only around the head's own forward and backward, and the chunked
     loss forms the head's gradient itself, outside that backward: two ZeRO-3 processes failed with a size mismatch
     against the partitioned weight. DDP, ZeRO-2 and FSDP2 run it (tests/recipes/test_distributed.py)."""
-    from dsft.train.distributed import world_size
-
-    if world_size() > 1 and engine in ("zero3", "zero3_offload"):
+    # WORLD_SIZE as torch.distributed's launcher sets it (what dsft.train.distributed.world_size reads): models/
+    # sits below train/ and does not import it.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and engine in ("zero3", "zero3_offload"):
         return f"train.distributed: {engine} partitions the lm_head weight: the model's own loss"
     return None
 

@@ -15,10 +15,15 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsft.config import ModelConfig, RunConfig, load_config
 from dsft.errors import DsftError, RemoteCodeWarning
+from dsft.models.auto import HEAD_TASKS, auto_model_class
 from dsft.paths import resolve_inside
+
+if TYPE_CHECKING:
+    from dsft.models.multitask import MultitaskModel
 
 BASE_MODEL_DIR = "base_model"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -43,7 +48,7 @@ def build_tokenizer(model: ModelConfig, run_dir: Path, training_texts: Callable[
 
     A trained tokenizer is saved into the run directory at once, so a resumed run reuses it.
     """
-    from dsft.models.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from dsft.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     _warn_remote_code(model)
     token = hub_token(model)
@@ -121,19 +126,6 @@ def _from_pretrained(model: ModelConfig, dtype, task: str = "causal_lm", **extra
     return auto_model_class(task).from_pretrained(model.name_or_path, **kwargs, **extra)
 
 
-HEAD_TASKS = ("classification", "token_classification")
-"""Tasks whose model is a backbone with a classification head "score" (labels in config.json id2label)."""
-
-
-def auto_model_class(task: str):
-    """AutoModelForSequenceClassification for task classification, AutoModelForTokenClassification for
-    token_classification, else AutoModelForCausalLM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    heads = {"classification": AutoModelForSequenceClassification, "token_classification": AutoModelForTokenClassification}
-    return heads.get(task, AutoModelForCausalLM)
-
-
 def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str], task: str = "classification"):
     """A classifier for task (a HEAD_TASKS entry) with one output per label: a preset built from config, or
     pretrained weights with a new head. pad_token_id is set: a sequence classifier pools the last token
@@ -170,7 +162,7 @@ def load_run(run_dir: str | Path, dtype: str = "auto"):
     """
     from transformers.utils import logging as hf_logging
 
-    from dsft.models.tokenizer import load_tokenizer
+    from dsft.data.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()  # a weight-loading bar would interleave with chat output
     run_dir = Path(run_dir).resolve()
@@ -180,13 +172,79 @@ def load_run(run_dir: str | Path, dtype: str = "auto"):
     config = load_config(config_path)
     tokenizer = load_tokenizer(run_dir)
     if config.task == "multitask":
-        from dsft.models.multitask import load_multitask  # a backbone with its own heads, no single HF class
-
-        model = load_multitask(run_dir, config, dtype)
+        model = load_multitask_run(run_dir, config, dtype)  # a backbone with its own heads, no single HF class
     else:
         model = load_run_model(run_dir, config, dtype)
     model.eval()
     return model, tokenizer, config
+
+
+def build_backbone(model_config, tokenizer, seed: int):
+    """The base model (no LM head) of the configured causal LM: a preset built from config, or pretrained
+    weights; raises DsftError as load.build_model does."""
+    causal_lm = build_model(model_config, tokenizer, seed)
+    return causal_lm.base_model  # e.g. Qwen2Model under Qwen2ForCausalLM; the LM head is dropped
+
+
+def read_multitask_description(run_dir: Path) -> dict:
+    """multitask.json of a run; raises DsftError when it is missing or resolves outside the run."""
+    from dsft.models.multitask import MULTITASK_FILE
+
+    path = resolve_inside(run_dir, MULTITASK_FILE, "multitask description")
+    if not path.is_file():
+        raise DsftError(f"{run_dir}: no {MULTITASK_FILE}; not a complete multitask run directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_multitask_run(run_dir: str | Path, config, dtype: str = "auto") -> MultitaskModel:
+    """A multitask run's model from its directory (safetensors only), in eval mode.
+
+    Raises DsftError for missing files, pickled weights, a file outside the run, or heads that do not
+    match multitask.json.
+    """
+    from safetensors.torch import load_file
+
+    from dsft.models.multitask import HEADS_FILE, MULTITASK_FILE, HeadSpec, MultitaskModel
+
+    run_dir = Path(run_dir).resolve()
+    description = read_multitask_description(run_dir)
+    heads = [HeadSpec(**head) for head in description["heads"]]
+    backbone = _load_backbone(run_dir, config, dtype)
+    model = MultitaskModel(backbone, heads, description.get("pad_token_id"))
+    heads_path = resolve_inside(run_dir, HEADS_FILE, "heads weights")
+    if not heads_path.is_file():
+        raise DsftError(f"{run_dir}: no {HEADS_FILE}; not a complete multitask run directory")
+    try:
+        model.heads.load_state_dict(load_file(str(heads_path)), strict=True)
+    except RuntimeError as exc:
+        raise DsftError(f"{heads_path}: does not match the heads of {MULTITASK_FILE}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_backbone(run_dir: Path, config, dtype: str):
+    """The full backbone, or the adapter on its base (the run's base_model/ or model.name_or_path)."""
+    from transformers import AutoModel
+
+    torch_dtype = resolve_dtype(dtype)
+    adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
+    if not adapter_config.is_file():
+        _require_safetensors(run_dir, run_dir, "model")
+        return AutoModel.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
+    from peft import PeftModel
+
+    _require_safetensors(run_dir, run_dir, "adapter_model")
+    recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if (run_dir / BASE_MODEL_DIR).exists():
+        base_dir = _own_base_dir(run_dir, recorded, adapter_config)
+        base = AutoModel.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+    elif config.model.name_or_path is not None and recorded in (None, config.model.name_or_path):
+        model_config = config.model.model_copy(update={"dtype": dtype})
+        base = _guarded(lambda: _from_pretrained(model_config, torch_dtype).base_model,
+                             "model.name_or_path", config.model.name_or_path)
+    else:
+        raise DsftError(f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's "
+                        f"{BASE_MODEL_DIR}/ nor model.name_or_path of its config.yaml; no other base is loaded")
+    return PeftModel.from_pretrained(base, run_dir)
 
 
 def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):

@@ -27,7 +27,6 @@ from transformers.utils import ModelOutput
 from dsft.data.bio import IGNORE_INDEX
 from dsft.data.multitask import label_key
 from dsft.errors import DsftError
-from dsft.paths import resolve_inside
 
 HEADS_FILE = "heads.safetensors"
 MULTITASK_FILE = "multitask.json"
@@ -189,15 +188,6 @@ def _backbone_config(backbone):
     return _base_model(backbone).config
 
 
-def build_backbone(model_config, tokenizer, seed: int):
-    """The base model (no LM head) of the configured causal LM: a preset built from config, or pretrained
-    weights; raises DsftError as load.build_model does."""
-    from dsft.models.load import build_model
-
-    causal_lm = build_model(model_config, tokenizer, seed)
-    return causal_lm.base_model  # e.g. Qwen2Model under Qwen2ForCausalLM; the LM head is dropped
-
-
 def apply_backbone_method(backbone, method):
     """Prepare the backbone for method.type (the heads always train in full): LoRA adapts the backbone only
     (PEFT task FEATURE_EXTRACTION), freeze trains its top layers and final norm, full trains everything.
@@ -225,62 +215,3 @@ def _freeze_backbone(backbone, trainable_layers: int, train_embeddings: bool) ->
         backbone.norm.requires_grad_(True)  # it sits above the top layer, so it trains with it
     if train_embeddings:
         backbone.get_input_embeddings().requires_grad_(True)
-
-
-def read_description(run_dir: Path) -> dict:
-    """multitask.json of a run; raises DsftError when it is missing or resolves outside the run."""
-    path = resolve_inside(run_dir, MULTITASK_FILE, "multitask description")
-    if not path.is_file():
-        raise DsftError(f"{run_dir}: no {MULTITASK_FILE}; not a complete multitask run directory")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_multitask(run_dir: str | Path, config, dtype: str = "auto") -> MultitaskModel:
-    """A multitask run's model from its directory (safetensors only), in eval mode.
-
-    Raises DsftError for missing files, pickled weights, a file outside the run, or heads that do not
-    match multitask.json.
-    """
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir).resolve()
-    description = read_description(run_dir)
-    heads = [HeadSpec(**head) for head in description["heads"]]
-    backbone = _load_backbone(run_dir, config, dtype)
-    model = MultitaskModel(backbone, heads, description.get("pad_token_id"))
-    heads_path = resolve_inside(run_dir, HEADS_FILE, "heads weights")
-    if not heads_path.is_file():
-        raise DsftError(f"{run_dir}: no {HEADS_FILE}; not a complete multitask run directory")
-    try:
-        model.heads.load_state_dict(load_file(str(heads_path)), strict=True)
-    except RuntimeError as exc:
-        raise DsftError(f"{heads_path}: does not match the heads of {MULTITASK_FILE}: {str(exc).splitlines()[0]}") from None
-    return model.eval()
-
-
-def _load_backbone(run_dir: Path, config, dtype: str):
-    """The full backbone, or the adapter on its base (the run's base_model/ or model.name_or_path)."""
-    from transformers import AutoModel
-
-    from dsft.models import load
-
-    torch_dtype = load.resolve_dtype(dtype)
-    adapter_config = resolve_inside(run_dir, load.ADAPTER_CONFIG_FILE, "adapter config")
-    if not adapter_config.is_file():
-        load._require_safetensors(run_dir, run_dir, "model")
-        return AutoModel.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
-    from peft import PeftModel
-
-    load._require_safetensors(run_dir, run_dir, "adapter_model")
-    recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if (run_dir / load.BASE_MODEL_DIR).exists():
-        base_dir = load._own_base_dir(run_dir, recorded, adapter_config)
-        base = AutoModel.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
-    elif config.model.name_or_path is not None and recorded in (None, config.model.name_or_path):
-        model_config = config.model.model_copy(update={"dtype": dtype})
-        base = load._guarded(lambda: load._from_pretrained(model_config, torch_dtype).base_model,
-                             "model.name_or_path", config.model.name_or_path)
-    else:
-        raise DsftError(f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's "
-                        f"{load.BASE_MODEL_DIR}/ nor model.name_or_path of its config.yaml; no other base is loaded")
-    return PeftModel.from_pretrained(base, run_dir)

@@ -82,7 +82,7 @@ def build_preset_classifier(name: str, tokenizer, seed: int, dtype, labels: list
     token_classification) of the preset architecture with one output per label."""
     import torch
 
-    from dsft.models.load import auto_model_class
+    from dsft.models.auto import auto_model_class
 
     config = preset_config(name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     config.num_labels = len(labels)

@@ -32,7 +32,7 @@ from dsft.data.encode import encode_segments
 from dsft.data.formats import Message
 from dsft.data.preference_data import encode_answer
 from dsft.errors import DsftError
-from dsft.serve.generate import split_reasoning
+from dsft.models.generate import split_reasoning
 
 Prompt = Sequence[Message] | Sequence[int]
 BUILTIN_TEMPLATES = ("deepseek_v3", "deepseek_r1")

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dsft.config_serve import BatchingConfig
+from dsft.config.serve import BatchingConfig
 
 log = logging.getLogger("dsft.serve")
 

@@ -8,14 +8,14 @@ from pathlib import Path
 from rich.console import Console
 
 from dsft.data.formats import Message
-from dsft.models.load import load_run
-from dsft.serve.generate import (
+from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
     prompt_ids,
     split_reasoning,
     stream_reply,
 )
+from dsft.models.load import load_run
 
 
 def _start(run_dir: Path, seed: int):

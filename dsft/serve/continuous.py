@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from dsft.config_serve import BatchingConfig
+from dsft.config.serve import BatchingConfig
 from dsft.errors import DsftError
 from dsft.serve.batcher import Job, JobRefused, QueueFull
 

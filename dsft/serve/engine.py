@@ -9,8 +9,8 @@ so generate stops as soon as every row is done.
 
 from __future__ import annotations
 
+from dsft.models.generate import DecodeSettings, pad_left
 from dsft.serve.batcher import Job
-from dsft.serve.generate import DecodeSettings, pad_left
 
 
 class StaticEngine:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from dsft.config_serve import ServeConfig
+from dsft.config.serve import ServeConfig
 from dsft.errors import DsftError
 from dsft.serve.batcher import Job, JobRefused, QueueFull, Sampling
 from dsft.serve.cache import CachedReply, ReplyCache

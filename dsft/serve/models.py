@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsft.config_serve import CanaryConfig, ServeConfig
+from dsft.config.serve import CanaryConfig, ServeConfig
 from dsft.errors import DsftError
 from dsft.paths import resolve_inside
 
@@ -139,8 +139,8 @@ def _check_adapter_run(run_dir: Path, name: str, base_identity: str | None, toke
     """Check that run_dir is a LoRA run (safetensors inside it) on the served base with the same tokenizer;
     returns its chat template."""
     from dsft.config import load_config
+    from dsft.data.tokenizer import load_tokenizer
     from dsft.models.load import ADAPTER_CONFIG_FILE
-    from dsft.models.tokenizer import load_tokenizer
 
     key = f"serve.adapters.{name}"
     config_path = resolve_inside(run_dir.resolve(), "config.yaml", "run config")

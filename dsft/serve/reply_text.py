@@ -5,7 +5,7 @@ Streamed and whole replies go through the same ReplyText, so a stream's pieces j
 
 from __future__ import annotations
 
-from dsft.models.tokenizer import THINK_CLOSE, THINK_OPEN
+from dsft.data.tokenizer import THINK_CLOSE, THINK_OPEN
 
 _INCOMPLETE = "\ufffd"
 """What decode gives for the first bytes of a multi-byte character split across tokens: held until complete."""

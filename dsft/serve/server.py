@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsft.config_serve import ServeConfig, load_serve_config
+from dsft.config.serve import ServeConfig, load_serve_config
 from dsft.serve.handling import App, Call
 from dsft.serve.metrics import ServeMetrics
 from dsft.serve.models import ServedModels, load_served

@@ -38,10 +38,10 @@ from dsft.data.dataset import DataStats, load_examples
 from dsft.data.preference_data import build_preference_datasets
 from dsft.errors import DsftError
 from dsft.eval.exact_match import score_exact_match
+from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
 from dsft.models.load import build_model, has_tokenizer_files
 from dsft.models.method import apply_method, count_parameters, lora_config
-from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
     build_trainer,
@@ -173,7 +173,7 @@ def describe_reference(config: RunConfig) -> str:
 
 
 def _check_reference_tokenizer(reference: str, tokenizer) -> None:
-    from dsft.models.tokenizer import load_tokenizer
+    from dsft.data.tokenizer import load_tokenizer
 
     if not has_tokenizer_files(Path(reference)):
         return  # a hub id: its tokenizer is only checked by the vocabulary size build_model sees

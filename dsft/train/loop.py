@@ -18,6 +18,7 @@ from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.data.packing import packed_rows
 from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
+from dsft.eval.speed import process_peak_memory
 from dsft.models.kernels import optimizer_name, packed_attention, set_attention
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.packed_forward import pack_model
@@ -313,7 +314,7 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "tokens_per_second": round(tokens / runtime_s, 1) if runtime_s else None,
         "train_runtime_s": round(runtime_s, 2),
         "wall_time_s": round(time.perf_counter() - started_s, 2),
-        "peak_memory": rd.peak_memory_bytes(),
+        "peak_memory": process_peak_memory(),
         "trainable_parameters": counts.trainable,
         "packing": config.train.packing,
         "unfreeze": [entry.model_dump() for entry in config.method.unfreeze] or None,

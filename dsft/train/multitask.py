@@ -33,8 +33,9 @@ from dsft.data.multitask import (
 from dsft.eval.classification import classification_report
 from dsft.eval.ner import SCALAR_KEYS as SPAN_KEYS
 from dsft.eval.ner import ner_report
+from dsft.models.load import build_backbone
 from dsft.models.method import count_parameters
-from dsft.models.multitask import HeadSpec, MultitaskModel, apply_backbone_method, build_backbone
+from dsft.models.multitask import HeadSpec, MultitaskModel, apply_backbone_method
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
     build_trainer,

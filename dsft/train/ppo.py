@@ -33,11 +33,12 @@ from dsft.config import RunConfig
 from dsft.data.dataset import DataStats
 from dsft.data.prompts import RlPrompt
 from dsft.errors import TrainingDiverged, TrainingInterrupted
+from dsft.eval.speed import process_peak_memory
+from dsft.models.generate import pad_left
 from dsft.models.load import build_model, resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.packed_forward import is_packed
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
-from dsft.serve.generate import pad_left
 from dsft.train import rl_math
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback
@@ -443,7 +444,7 @@ def _summary(config: RunConfig, records: list[dict], stats: DataStats, counts, s
     summary = {"stage": "ppo", "method": config.method.type, "steps": len(records),
                "final_value_loss": records[-1]["value_loss"] if records else None,
                "first_value_loss": records[0]["value_loss"] if records else None,
-               "wall_time_s": round(time.perf_counter() - started_s, 2), "peak_memory": rd.peak_memory_bytes(),
+               "wall_time_s": round(time.perf_counter() - started_s, 2), "peak_memory": process_peak_memory(),
                "trainable_parameters": counts.trainable, "total_parameters": counts.total,
                "packing": config.train.packing, "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
                "data": dataclasses.asdict(stats)}

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 from dsft.config import RewardFunctionConfig
 from dsft.data.prompts import RlPrompt
+from dsft.data.tokenizer import THINK_CLOSE, THINK_OPEN
 from dsft.errors import DsftError
 from dsft.eval.text_metrics import answer_tokens, exact_match
-from dsft.models.tokenizer import THINK_CLOSE, THINK_OPEN
-from dsft.serve.generate import split_reasoning
+from dsft.models.generate import split_reasoning
 from dsft.userfunc import load_function
 
 _FORMAT = re.compile(rf"\A\s*{re.escape(THINK_OPEN)}(.*?){re.escape(THINK_CLOSE)}\s*(\S.*)\Z", re.DOTALL)

@@ -12,7 +12,7 @@ from dsft.config import RunConfig
 from dsft.data.dataset import DataStats, load_examples
 from dsft.errors import DsftError
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
-from dsft.serve.generate import DecodeSettings
+from dsft.models.generate import DecodeSettings
 from dsft.train.loop import TENSORBOARD_DIR, format_number
 
 

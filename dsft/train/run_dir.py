@@ -97,15 +97,3 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     if not is_main():
         return
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def peak_memory_bytes() -> dict:
-    """Peak memory of this process: CUDA allocator peak when on GPU, resident set size always."""
-    import resource
-
-    import torch
-
-    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if torch.cuda.is_available():
-        peak["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    return peak

@@ -20,10 +20,10 @@ from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.packing import PackedCollator
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
+from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import apply_speed_plan, resolve_speed_plan
 from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
-from dsft.serve.generate import DecodeSettings
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
     build_trainer,

@@ -15,8 +15,8 @@ from transformers import Trainer, TrainerCallback
 
 from dsft.data.batches import EpochBatchSampler
 from dsft.errors import DsftError
+from dsft.models.chunked_loss import chunked_lm_loss
 from dsft.train import checkpoints as ckpt
-from dsft.train.chunked_loss import chunked_lm_loss
 from dsft.train.distributed import enable_fsdp_on_cpu, gather_lists, is_main
 
 SAMPLES_FILE = "samples.jsonl"

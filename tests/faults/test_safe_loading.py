@@ -17,7 +17,7 @@ from dsft.config import ModelConfig, dump_config, validate_config
 from dsft.errors import DsftError, RemoteCodeWarning
 from dsft.models.load import build_model, build_tokenizer, load_run
 from dsft.models.presets import build_preset
-from dsft.models.tokenizer import train_bpe_tokenizer
+from dsft.data.tokenizer import train_bpe_tokenizer
 
 TEXTS = ["Convert 37 km to m.", "37000 m", "把 58 千克换算成克。", "58000 克"] * 8
 

@@ -18,7 +18,7 @@ import yaml
 
 from dsft.config import dump_config, load_config
 from dsft.errors import DsftError
-from dsft.models.tokenizer import train_bpe_tokenizer
+from dsft.data.tokenizer import train_bpe_tokenizer
 from tests.recipes.conftest import make_config
 
 # Random per session, so no path, test name or cached file can contain it by chance.

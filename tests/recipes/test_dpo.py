@@ -14,7 +14,7 @@ from dsft.cli import app, main
 from dsft.config import load_config
 from dsft.data.formats import Message
 from dsft.errors import DsftError
-from dsft.serve.generate import prompt_ids
+from dsft.models.generate import prompt_ids
 from dsft.train.dpo import run_dpo
 
 from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning

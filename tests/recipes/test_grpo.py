@@ -14,7 +14,7 @@ from dsft.config import load_config
 from dsft.data.formats import Message
 from dsft.errors import DsftError
 from dsft.models.load import load_run
-from dsft.serve.generate import prompt_ids
+from dsft.models.generate import prompt_ids
 from dsft.train.grpo import run_grpo
 from dsft.train.rl_math import group_advantages
 

@@ -19,12 +19,12 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsft.config import load_config
-from dsft.config_serve import load_serve_config
+from dsft.config.serve import load_serve_config
 from dsft.data.formats import Message
 from dsft.errors import DsftError
 from dsft.models.load import load_run
 from dsft.serve.batcher import QueueFull
-from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
+from dsft.models.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
 from dsft.serve.models import CanaryRouter, ServedModel, ServedModels, load_served
 from dsft.serve.server import create_app, serve_in_thread
 from dsft.train.sft import run_sft

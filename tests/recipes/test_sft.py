@@ -15,7 +15,7 @@ from dsft.config import load_config
 from dsft.data.formats import Message
 from dsft.models.load import load_run
 from dsft.serve.chat import chat_loop
-from dsft.serve.generate import DecodeSettings, generate_batch, prompt_ids
+from dsft.models.generate import DecodeSettings, generate_batch, prompt_ids
 from dsft.train.sft import run_sft
 
 from ..learning import NOT_LEARNING, Claim, assert_learned, assert_not_learned, learning, mean

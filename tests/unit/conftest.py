@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsft.models.tokenizer import train_bpe_tokenizer
+from dsft.data.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from dsft.data.bio import (
     word_predictions,
 )
 from dsft.errors import DsftError
-from dsft.models.tokenizer import train_bpe_tokenizer
+from dsft.data.tokenizer import train_bpe_tokenizer
 
 TAG_IDS = {"O": 0, "B-LOC": 1, "I-LOC": 2, "B-PER": 3, "I-PER": 4}
 

@@ -14,7 +14,7 @@ from dsft.config import MethodConfig
 from dsft.data.packing import PackedCollator, packed_rows
 from dsft.models.method import apply_method
 from dsft.models.presets import build_preset
-from dsft.train.chunked_loss import chunked_lm_loss, plain_linear_head
+from dsft.models.chunked_loss import chunked_lm_loss, plain_linear_head
 
 
 def _samples(tokenizer, lengths=(9, 4, 13, 6, 11)):

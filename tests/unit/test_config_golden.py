@@ -60,7 +60,7 @@ def test_config_show_of_each_example_is_unchanged(config, monkeypatch):
 
 def test_the_schemas_are_unchanged():
     from dsft.config import RunConfig
-    from dsft.config_serve import ServeFile
+    from dsft.config.serve import ServeFile
     from dsft.data.prepare_config import PrepareConfig
 
     for name, model in (("run", RunConfig), ("serve", ServeFile), ("prepare", PrepareConfig)):
@@ -77,7 +77,7 @@ def _error(load, tmp_path: Path, text: str, *args) -> str:
 
 def test_the_error_texts_are_unchanged(tmp_path, monkeypatch):
     from dsft.config import load_config
-    from dsft.config_serve import load_serve_config
+    from dsft.config.serve import load_serve_config
 
     monkeypatch.delenv("DSFT_GOLDEN_UNSET", raising=False)
     texts = [f"## {name}\n" + _error(load_config, tmp_path, text) for name, text in MISTAKES.items()]

@@ -12,7 +12,7 @@ from dsft.data.chat import (
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
 from dsft.errors import DsftError
-from dsft.models.tokenizer import ASSISTANT, BOS, EOS, USER
+from dsft.data.tokenizer import ASSISTANT, BOS, EOS, USER
 
 # A prefix-consistent template that is not DeepSeek's: turn boundaries come from prefix renders.
 PLAIN_TEMPLATE = (

@@ -15,7 +15,7 @@ from dsft.data.dataset import (
 from dsft.data.encode import IGNORE_INDEX, truncate
 from dsft.data.formats import Example, Message
 from dsft.errors import DsftError
-from dsft.models.tokenizer import EOS
+from dsft.data.tokenizer import EOS
 
 
 def _write_jsonl(path, rows):

@@ -2,7 +2,7 @@
 
 import torch
 
-from dsft.serve.generate import DecodeSettings, pad_left, split_reasoning
+from dsft.models.generate import DecodeSettings, pad_left, split_reasoning
 
 
 def test_split_reasoning():
@@ -28,7 +28,7 @@ def test_a_failing_stream_raises_instead_of_waiting_forever():
     import pytest
 
     from dsft.errors import DsftError
-    from dsft.serve.generate import stream_reply
+    from dsft.models.generate import stream_reply
 
     class Failing(torch.nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ from dsft.errors import DsftError
 from dsft.models.load import resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.presets import build_preset
-from dsft.models.tokenizer import ASSISTANT, BOS, EOS, PAD, THINK_CLOSE, USER, train_bpe_tokenizer
+from dsft.data.tokenizer import ASSISTANT, BOS, EOS, PAD, THINK_CLOSE, USER, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

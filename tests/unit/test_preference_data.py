@@ -20,7 +20,7 @@ from dsft.data.preference_data import (
     load_pairs,
 )
 from dsft.errors import DsftError
-from dsft.serve.generate import prompt_ids
+from dsft.models.generate import prompt_ids
 
 PROMPT = (Message("system", "be exact"), Message("user", "what is 74 + 2?"))
 

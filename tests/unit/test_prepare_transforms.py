@@ -159,7 +159,7 @@ def test_mask_record_texts_and_id_fields():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from dsft.models.tokenizer import train_bpe_tokenizer
+    from dsft.data.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(["hello world this is a test", "你好世界这是一个测试"] * 5, vocab_size=300)
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dsft.config_serve import BatchingConfig, CanaryConfig, load_serve_config
+from dsft.config.serve import BatchingConfig, CanaryConfig, load_serve_config
 from dsft.errors import DsftError
 from dsft.serve.batcher import Batcher, Job, LatencyController, QueueFull, Sampling
 from dsft.serve.cache import CachedReply, ReplyCache

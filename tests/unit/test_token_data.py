@@ -13,7 +13,8 @@ from dsft.data.dataset import DataStats
 from dsft.data.read import RawRecord
 from dsft.data.tokens import build_token_datasets, load_tagged, training_texts, words_to_predict
 from dsft.errors import DsftError
-from dsft.eval.ner import entity_spans, ner_report, report_markdown
+from dsft.data.bio import entity_spans
+from dsft.eval.ner import ner_report, report_markdown
 from dsft.train.token_classify import token_classification_loss, word_tags
 
 GOOD = [{"tokens": ["Alice", "lives", "in", "New", "York"], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC"]},

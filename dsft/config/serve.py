@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
-from dsft.config import _Section
-from dsft.yaml_config import (
+from dsft.config.base import Section
+from dsft.config.loader import (
     apply_override,
     describe,
     expand_env_references,
@@ -27,7 +27,7 @@ SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 """What a served model name looks like: it goes into URLs, headers and metric labels."""
 
 
-class BatchingConfig(_Section):
+class BatchingConfig(Section):
     engine: Literal["static", "continuous"] = "static"
     """static: dsft's batches of left-padded prompts, sized by a PID loop on the step latency (adapters, sampling,
     every architecture); continuous: transformers' ContinuousBatchingManager (one model, no adapters, no MLA)."""
@@ -56,13 +56,13 @@ class BatchingConfig(_Section):
         return self
 
 
-class CacheConfig(_Section):
+class CacheConfig(Section):
     max_entries: int = Field(1024, ge=0)
     """Replies kept for repeated greedy (temperature 0) requests, least recently used dropped first; 0 turns the
     cache off."""
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body, bytes; larger is refused with 413 before it is read whole."""
     max_prompt_tokens: int = Field(4096, ge=1)
@@ -75,7 +75,7 @@ class LimitsConfig(_Section):
     """A request not finished after this long (queue wait included) is cancelled and answered 504, seconds."""
 
 
-class CanaryConfig(_Section):
+class CanaryConfig(Section):
     alias: str
     """The model name clients ask for; each request goes to primary or candidate."""
     primary: str
@@ -88,7 +88,7 @@ class CanaryConfig(_Section):
     """Seed of the router's random draws (tests); none: unseeded."""
 
 
-class ServeConfig(_Section):
+class ServeConfig(Section):
     host: str = "127.0.0.1"
     """Address to bind; the loopback default keeps the server off the network until you choose otherwise."""
     port: int = Field(8000, ge=0, le=65535)
@@ -120,7 +120,7 @@ class ServeConfig(_Section):
         return self
 
 
-class ServeFile(_Section):
+class ServeFile(Section):
     serve: ServeConfig = ServeConfig()
     """Settings of `dsft serve`."""
 

@@ -14,7 +14,6 @@ from dsft.data import bio
 from dsft.data.read import RawRecord
 from dsft.data.tokens import words_to_predict
 from dsft.errors import DsftError
-from dsft.eval.ner import entity_spans
 
 
 def predict_tags(model, tokenizer, config, records: Sequence[RawRecord]) -> list[dict]:
@@ -44,7 +43,7 @@ def _record_result(words: list[str], split: bool, word_ids, predicted_T: list[in
     """One record's fields: each word's tag read from its first token ("O" when truncation cut it off)."""
     word_tag_ids = bio.word_predictions(word_ids[: len(predicted_T)], predicted_T, len(words), missing=-1)
     word_tags = [tags[i] if i >= 0 else "O" for i in word_tag_ids]
-    result = {"tags": word_tags, "entities": entity_spans(words, word_tags, separator)}
+    result = {"tags": word_tags, "entities": bio.entity_spans(words, word_tags, separator)}
     if split:
         result["words"] = words
     cut_off = word_tag_ids.count(-1)

@@ -16,8 +16,7 @@ from dsft.data.labels import text_of
 from dsft.data.multitask import MultitaskCollator, encode_input, reads_words
 from dsft.data.read import RawRecord
 from dsft.errors import DsftError
-from dsft.eval.ner import entity_spans
-from dsft.serve.predict import check_known_label
+from dsft.models.predict import check_known_label
 
 PREDICTIONS_FIELD = "predictions"
 
@@ -62,7 +61,7 @@ def _add_word_tags(results: list[dict], spec, predicted_BL: list[list[int]], wor
     for result, predicted_L, word_ids, words in zip(results, predicted_BL, word_ids_per_record, words_per_record):
         tag_ids = bio.word_predictions(word_ids, predicted_L[: len(word_ids)], len(words), missing=-1)
         tags = [spec.labels[t] if t >= 0 else "O" for t in tag_ids]
-        result[PREDICTIONS_FIELD][spec.name] = {"tags": tags, "entities": entity_spans(words, tags, separator)}
+        result[PREDICTIONS_FIELD][spec.name] = {"tags": tags, "entities": bio.entity_spans(words, tags, separator)}
         if tag_ids.count(-1):
             result["truncated_words"] = tag_ids.count(-1)
 

@@ -1,81 +1,21 @@
-"""Config sections of the head tasks and the alignment stages (classify, token_classify, multitask, ...).
-
-Part of the run config (dsft/config.py, which re-exports them); apart so that file stays readable.
-"""
+"""Config sections of the preference and RL stages: reward (a reward model), dpo, grpo and ppo, with the reward
+functions and sampling settings the RL stages share."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from dsft.config.base import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class ClassifyConfig(_Section):
-    text_field: str = Field("text", min_length=1)
-    """Record field holding the text to classify."""
-    label_field: str = Field("label", min_length=1)
-    """Record field holding the label (a string or an integer)."""
-    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
-    """Training loss: cross entropy, or focal loss (down-weights examples the model already gets right)."""
-    class_weights: Literal["none", "balanced"] = "none"
-    """Per-class loss weights; balanced: n_samples / (n_classes x count of the class) over the training labels."""
-    focal_gamma: float = Field(2.0, ge=0.0)
-    """Focusing exponent of focal loss (with loss: focal); 0 gives cross entropy."""
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    """Share of the target probability spread evenly over all classes (0 <= x < 1)."""
-    head_only: bool = False
-    """Freeze the whole backbone and train only the classification head (needs method.type full)."""
-
-
-class TokenClassifyConfig(_Section):
-    tokens_field: str = Field("tokens", min_length=1)
-    """Record field holding the words (a list of strings; for Chinese, usually one character each)."""
-    tags_field: str = Field("tags", min_length=1)
-    """Record field holding one BIO tag per word: O, B-TYPE or I-TYPE."""
-    word_separator: Literal["space", "none"] = "space"
-    """How words join into the text the model reads: space (English) or none (Chinese)."""
-
-
-class HeadConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    """Task name in logs and metrics, e.g. intent (letters, digits, _)."""
-    kind: Literal["sequence", "token"]
-    """sequence: one label per text; token: one BIO tag per word."""
-    label_field: str = Field(min_length=1)
-    """Record field with this task's label (kind sequence) or list of BIO tags (kind token); a record
-    without it is unlabelled for this task and adds no loss to its head."""
-    loss_weight: float = Field(1.0, gt=0)
-    """Weight of this head's loss in the sum over heads."""
-
-
-class MultitaskConfig(_Section):
-    heads: list[HeadConfig] = Field(default_factory=list)
-    """The task heads on the shared backbone."""
-    text_field: str = Field("text", min_length=1)
-    """Record field holding the text, when no head is of kind token."""
-    tokens_field: str = Field("tokens", min_length=1)
-    """Record field holding the words, when a head is of kind token (sequence heads read them joined)."""
-    word_separator: Literal["space", "none"] = "space"
-    """How words join into text: space (English) or none (Chinese)."""
-
-    @model_validator(mode="after")
-    def _distinct_heads(self) -> MultitaskConfig:
-        names = [head.name for head in self.heads]
-        if len(set(names)) != len(names):
-            raise ValueError(f"multitask.heads names must be distinct (got {names})")
-        return self
-
-
-class RewardModelConfig(_Section):
+class RewardModelConfig(Section):
     center_rewards_coefficient: float | None = Field(None, gt=0)
     """Coefficient of a penalty on the squared mean reward, keeping rewards centred on 0 (TRL); none: off."""
 
 
-class DpoConfig(_Section):
+class DpoConfig(Section):
     beta: float = Field(0.1, gt=0)
     """Strength of the pull toward the reference model: higher stays closer to it."""
     loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
@@ -94,7 +34,7 @@ class DpoConfig(_Section):
         return self
 
 
-class RewardFunctionConfig(_Section):
+class RewardFunctionConfig(Section):
     kind: Literal["accuracy", "regex", "format", "diversity", "efficiency", "reward_model", "python"]
     """accuracy: 1 when the final answer equals the reference; regex: 1 when pattern matches; format: 1 for a
     thinking block followed by an answer; diversity: share of the completion's word bigrams (start and end
@@ -121,7 +61,7 @@ class RewardFunctionConfig(_Section):
         return self
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     max_new_tokens: int = Field(64, ge=1)
     """Longest sampled completion in tokens."""
     temperature: float = Field(1.0, gt=0)
@@ -130,7 +70,7 @@ class SamplingConfig(_Section):
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
 
 
-class GrpoConfig(_Section):
+class GrpoConfig(Section):
     group_size: int = Field(4, ge=2)
     """Completions sampled per prompt; advantages are the rewards normalized within each group. train.batch_size
     counts completions, and train.batch_size x train.grad_accum_steps must be a multiple of group_size."""
@@ -148,7 +88,7 @@ class GrpoConfig(_Section):
     """Reward components, summed with their weights; each is logged separately."""
 
 
-class PpoConfig(_Section):
+class PpoConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     """How rollouts are sampled."""
     rollout_batch_size: int = Field(16, ge=2)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from dsft.data.chat import render_prompt
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Message
+from dsft.data.tokenizer import THINK_CLOSE
 from dsft.errors import DsftError
-from dsft.models.tokenizer import THINK_CLOSE
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""Config sections model, data and method: which model, which data, which weights train."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from dsft.config.base import Section, as_list
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = None
+    """Hugging Face hub id or local directory of a causal LM in HF format; exclusive with preset."""
+    preset: Literal["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-qwen2", "tiny-llama"] | None = None
+    """A tiny random-init model built from config, no download: for tests and the quickstart."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; default: the model's own (a preset trains one on the data)."""
+    tokenizer_vocab_size: int = Field(1024, ge=300, le=200_000)
+    """Vocabulary size (tokens) of the byte-level BPE tokenizer trained for a preset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of name_or_path."""
+    hub_token: SecretStr | None = None
+    """Hugging Face token for private or gated repositories; write ${HF_TOKEN}, the value is never saved
+    (a literal token works but is saved as null, and a warning asks for a reference)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto: bfloat16 where CUDA supports it, else float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository; off unless you trust its author."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "varlen"] | None = None
+    """Attention kernel; default: transformers' choice (sdpa where supported), and for packed rows on CUDA the
+    speed plan's (flash_attention_2 with flash-attn installed, else varlen). varlen: PyTorch's varlen flash kernel
+    over packed sequences (CUDA, bf16/fp16; SDPA per sequence elsewhere)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.name_or_path (hub id or local dir) or model.preset")
+        return self
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(min_length=1)
+    """Training data: jsonl, json, csv or parquet files, or a `datasets` save_to_disk directory."""
+    validation_files: list[str] = []
+    """Validation data in the same forms; exclusive with validation_ratio."""
+    validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training records held out for validation (seeded by train.seed)."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    """Record format; auto detects it per file from the first record's keys."""
+    chat_template: Literal["auto", "tokenizer", "deepseek_v3", "deepseek_r1"] = "auto"
+    """Prompt rendering; auto: the tokenizer's own template, built-in deepseek_v3 when it has none."""
+    system_prompt: str | None = None
+    """System message added to conversations that have none."""
+    loss_on: Literal["assistant", "final_assistant", "all"] = "assistant"
+    """Tokens that carry loss: every assistant turn, only the last one, or the whole sequence."""
+    max_length_tokens: int = Field(2048, ge=8)
+    """Longest training sequence in tokens; see truncation for longer ones."""
+    truncation: Literal["right", "drop"] = "right"
+    """Over-long sequences: right keeps the first max_length_tokens, drop skips the record (counted)."""
+    on_error: Literal["error", "skip"] = "error"
+    """Bad records: error stops with file:line and field; skip drops them and counts them in the log."""
+    max_samples: int | None = Field(None, ge=1)
+    """Use at most this many training records (first ones), for quick trials."""
+
+    _as_lists = field_validator("train_files", "validation_files", mode="before")(as_list)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataConfig:
+        if self.validation_files and self.validation_ratio > 0:
+            raise ValueError("set data.validation_files or data.validation_ratio, not both")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input; must be 0 when LoRA reaches fused MoE expert weights (DeepSeek MoE)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj,
+    up_proj, down_proj) or all-linear."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved beside the adapter (e.g. lm_head, embed_tokens)."""
+
+
+class FreezeConfig(Section):
+    trainable_layers: int = Field(2, ge=0)
+    """Number of top decoder layers to train; the rest stay frozen."""
+    train_embeddings: bool = False
+    """Also train the input embeddings."""
+
+
+class UnfreezeStep(Section):
+    step: int = Field(ge=0)
+    """Optimizer step from which these layers train (0: from the start)."""
+    layers: int | Literal["all"]
+    """Top decoder layers that train from this step on, counted from the top; all: every layer and the embeddings."""
+
+
+class MethodConfig(Section):
+    type: Literal["full", "lora", "freeze"] = "lora"
+    """full: every weight; lora: PEFT LoRA adapter; freeze: only the top layers and the head."""
+    lora: LoraConfig = LoraConfig()
+    """Settings for type lora."""
+    freeze: FreezeConfig = FreezeConfig()
+    """Settings for type freeze."""
+    unfreeze: list[UnfreezeStep] = []
+    """Progressive unfreezing (types full and lora): the head (and final norm) trains from the start, each entry
+    adds top decoder layers from its step on, e.g. [{step: 0, layers: 0}, {step: 100, layers: 4}, {step: 300, layers: all}]."""
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> MethodConfig:
+        for other in ("lora", "freeze"):
+            if other in self.model_fields_set and self.type != other:
+                raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
+        if self.unfreeze and self.type == "freeze":
+            raise ValueError("method.unfreeze works with method.type full or lora; type freeze keeps a fixed set")
+        steps = [entry.step for entry in self.unfreeze]
+        layers = [float("inf") if entry.layers == "all" else entry.layers for entry in self.unfreeze]
+        if steps != sorted(set(steps)) or layers != sorted(layers):
+            raise ValueError("method.unfreeze entries must have increasing steps and non-decreasing layers")
+        return self
