@@ -71,9 +71,12 @@ def run_b0(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
+    from dsft.models.method import fused_expert_patterns
+
     model = build_model(setup, seed)
     if setup.method == "lora":
-        model = get_peft_model(model, lora_config(setup))
+        with fused_expert_patterns():
+            model = get_peft_model(model, lora_config(setup))
     args = TrainingArguments(output_dir=str(work_dir / "b0"), per_device_train_batch_size=B0_BATCH,
                              gradient_accumulation_steps=setup.b0_accumulation, remove_unused_columns=False,
                              **common_arguments(setup, seed))
@@ -91,9 +94,12 @@ def run_b1(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
+    from dsft.models.method import fused_expert_patterns
+
     model = build_model(setup, seed)
     if setup.method == "lora":
-        model = get_peft_model(model, lora_config(setup))
+        with fused_expert_patterns():
+            model = get_peft_model(model, lora_config(setup))
     moe = "n_routed_experts" in setup.shape
     liger = _cuda() and importlib.util.find_spec("liger_kernel") is not None and not moe
     args = SFTConfig(output_dir=str(work_dir / "b1"), per_device_train_batch_size=1, max_length=setup.packed_row_tokens,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from dsft.config import MethodConfig
@@ -53,13 +57,36 @@ def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM"):
     )
 
 
+_FUSED_PATTERN_WARNING = re.compile(r"The following (rank|alpha)_pattern keys did not match any targeted module")
+
+
+@contextmanager
+def fused_expert_patterns() -> Iterator[None]:
+    """Around PEFT wrapping a model: every warning passes but PEFT's false one about its own fused-expert patterns.
+
+    dsft sets no rank_pattern or alpha_pattern. Where transformers fuses an MoE layer's expert projections into one
+    tensor (DeepSeek-V2/V3's experts.gate_up_proj), PEFT converts the LoRA targets and adds a pattern for that
+    tensor, rank and alpha doubled so gate and up keep rank r each; it applies it (the adapter's gate_up factors have
+    rank 2r, tests/unit/test_moe_lora.py), then looks for the pattern among adapted modules only, not parameters,
+    and warns that it matched nothing, which the user can do nothing about. Dropping the pattern would halve those
+    ranks, so only that warning is dropped, here and nowhere else.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        if not (issubclass(warning.category, RuntimeWarning) and _FUSED_PATTERN_WARNING.match(str(warning.message))):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def _apply_lora(model, method: MethodConfig, task_type: str):
     from peft import get_peft_model
 
     peft_config = lora_config(method, task_type)
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
-        return get_peft_model(model, peft_config)
+        with fused_expert_patterns():
+            return get_peft_model(model, peft_config)
     except ValueError as exc:
         reason = str(exc).splitlines()[0]
         if "lora_dropout" in reason:

@@ -41,7 +41,7 @@ from dsft.eval.exact_match import score_exact_match
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
 from dsft.models.load import build_model, has_tokenizer_files
-from dsft.models.method import apply_method, count_parameters, lora_config
+from dsft.models.method import apply_method, count_parameters, fused_expert_patterns, lora_config
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
     build_trainer,
@@ -196,9 +196,10 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     peft_config = lora_config(config.method) if config.method.type == "lora" else None
     validation = as_dataset(validation_rows, False) if validation_rows else []
     try:
-        trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation,
-                                        console, collator, trainer_class=PreferenceTrainer, args=args,
-                                        ref_model=reference, peft_config=peft_config, packing="own")
+        with fused_expert_patterns():  # TRL wraps the policy with peft_config
+            trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True),
+                                            validation, console, collator, trainer_class=PreferenceTrainer, args=args,
+                                            ref_model=reference, peft_config=peft_config, packing="own")
     except ValueError as exc:
         if peft_config is None or "target" not in str(exc).lower():
             raise

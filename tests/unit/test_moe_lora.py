@@ -77,3 +77,32 @@ def test_grouped_lora_forms_no_expert_stack_in_the_backward(tokenizer):
         seen[implementation] = stack in shapes.numels
     # transformers' kernel reads PEFT's adapted stack, so the backward forms its full-size gradient; dsft's does not.
     assert seen == {"grouped_mm": True, GROUPED_LORA: False}
+
+
+def test_fused_expert_patterns_apply_without_peft_false_warning(tokenizer, recwarn):
+    # PEFT doubles rank and alpha for the fused gate_up_proj tensor (gate and up keep rank r each) and then warns
+    # that the pattern matched no module: dsft keeps the pattern and drops only that warning.
+    model = apply_method(build_preset("tiny-deepseek-v3", tokenizer, seed=0, dtype=torch.float32),
+                         MethodConfig(type="lora", lora=LoraConfig(r=4, alpha=8)))
+    assert model.peft_config["default"].rank_pattern == {r".*\.gate_up_proj": 8}
+    experts = model.get_base_model().model.layers[1].mlp.experts
+    n_experts = model.get_base_model().config.n_routed_experts
+    assert experts.base_layer.lora_A["default"].weight.shape[0] == n_experts * 8  # gate_up_proj: rank 2r per expert
+    assert experts.lora_A["default"].weight.shape[0] == n_experts * 4  # down_proj: rank r per expert
+    assert not [w for w in recwarn if "pattern keys did not match" in str(w.message)]
+
+
+def test_fused_expert_patterns_let_every_other_warning_through():
+    import warnings
+
+    from dsft.models.method import fused_expert_patterns
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fused_expert_patterns():
+            warnings.warn("The following rank_pattern keys did not match any targeted module and were ignored: "
+                          "['x']", RuntimeWarning)
+            warnings.warn("The following alpha_pattern keys did not match", UserWarning)  # not PEFT's: passes
+            warnings.warn("something else", RuntimeWarning)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, "The following alpha_pattern keys did not match"), (RuntimeWarning, "something else")]
