@@ -71,15 +71,21 @@ def apply_override(raw: dict, override: str) -> None:
         raise DsftError(f"--set {override!r}: expected key.path=value, e.g. train.learning_rate=1e-4")
     parts = key.strip().split(".")
     node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise DsftError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):  # an entry of a list by its index, e.g. stages.0.train.max_steps
+            if not (part.isdigit() and int(part) < len(node)):
+                raise DsftError(f"--set {override!r}: {where}: {'.'.join(parts[:i])} has entries 0 to {len(node) - 1}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise DsftError(f"--set {override!r}: {'.'.join(parts[:i])} is a value, not a section")
+        if i == len(parts) - 1:
+            break
+        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
     try:
-        node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+        node[part] = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
-        node[parts[-1]] = value_text
+        node[part] = value_text
 
 
 def lookup(node: Any, path: tuple) -> Any:

@@ -21,9 +21,13 @@ CONFIG_FILE = "config.yaml"
 def prepare_run_dir(output: OutputConfig, resume: bool) -> Path:
     """Create (or, for --resume, check) the run directory; never silently overwrites a run.
 
-    With several ranks, rank 0 prepares it first and the others then find it ready (and empty)."""
+    With several ranks, rank 0 checks and prepares it while the others wait; they do not check it again, since
+    by the time they run rank 0 may already be writing into it (a second rank once refused the directory as
+    "already holds a run" when rank 0 had written its first file)."""
     with main_first():
-        return _prepare_run_dir(output, resume)
+        if is_main():
+            return _prepare_run_dir(output, resume)
+    return Path(output.dir)
 
 
 def _prepare_run_dir(output: OutputConfig, resume: bool) -> Path:

@@ -66,6 +66,17 @@ def test_override_into_a_value_is_an_error():
         apply_override({"train": {"seed": 1}}, "train.seed.x=2")
 
 
+def test_override_reaches_a_list_entry_by_its_index():
+    raw = {"stages": [{"name": "a"}, {"name": "b", "train": {"max_steps": 9}}]}
+    apply_override(raw, "stages.1.train.max_steps=3")
+    apply_override(raw, "stages.0.train.seed=7")
+    assert raw == {"stages": [{"name": "a", "train": {"seed": 7}}, {"name": "b", "train": {"max_steps": 3}}]}
+    with pytest.raises(DsftError, match=r"stages.2: stages has entries 0 to 1"):
+        apply_override(raw, "stages.2.train.max_steps=3")
+    with pytest.raises(DsftError, match=r"stages.first: stages has entries 0 to 1"):
+        apply_override(raw, "stages.first=3")
+
+
 def test_unknown_key_names_path_line_and_allowed_keys(tmp_path):
     message = error_of(tmp_path, MINIMAL + "train:\n  learning_rat: 1e-4\n")
     assert "train.learning_rat (line 6): unknown key; allowed here: learning_rate, epochs," in message
@@ -136,11 +147,12 @@ def test_every_field_has_a_docstring():
 
 def test_shipped_examples_validate(capsys):
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
-    assert [p.name for p in examples] == ["dpo_after_quickstart.yaml", "grpo_quickstart.yaml", "ppo_quickstart.yaml",
-                                          "quickstart.yaml", "r1_distill_lora.yaml", "reward_model.yaml",
-                                          "support_intent.yaml"]
+    assert [p.name for p in examples] == ["dpo_after_quickstart.yaml", "grpo_quickstart.yaml",
+                                          "multitask_requests.yaml", "ner_chinese.yaml", "ner_english.yaml",
+                                          "ppo_quickstart.yaml", "quickstart.yaml", "r1_distill_lora.yaml",
+                                          "reward_model.yaml", "support_intent.yaml"]
     assert validate_files(examples)
-    assert capsys.readouterr().out.count("ok ") == 7
+    assert capsys.readouterr().out.count("ok ") == 10
 
 
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
