@@ -225,26 +225,10 @@ def _load_backbone(run_dir: Path, config, dtype: str):
     """The full backbone, or the adapter on its base (the run's base_model/ or model.name_or_path)."""
     from transformers import AutoModel
 
-    torch_dtype = resolve_dtype(dtype)
-    adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
-    if not adapter_config.is_file():
-        _require_safetensors(run_dir, run_dir, "model")
-        return AutoModel.from_pretrained(run_dir, dtype=torch_dtype, use_safetensors=True)
-    from peft import PeftModel
+    def hub_base(model_config, torch_dtype):
+        return _from_pretrained(model_config, torch_dtype).base_model  # the causal LM's body, as trained
 
-    _require_safetensors(run_dir, run_dir, "adapter_model")
-    recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if (run_dir / BASE_MODEL_DIR).exists():
-        base_dir = _own_base_dir(run_dir, recorded, adapter_config)
-        base = AutoModel.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
-    elif config.model.name_or_path is not None and recorded in (None, config.model.name_or_path):
-        model_config = config.model.model_copy(update={"dtype": dtype})
-        base = _guarded(lambda: _from_pretrained(model_config, torch_dtype).base_model,
-                             "model.name_or_path", config.model.name_or_path)
-    else:
-        raise DsftError(f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's "
-                        f"{BASE_MODEL_DIR}/ nor model.name_or_path of its config.yaml; no other base is loaded")
-    return PeftModel.from_pretrained(base, run_dir)
+    return _full_or_adapter(Path(run_dir).resolve(), config, dtype, AutoModel, hub_base)
 
 
 def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
@@ -254,9 +238,19 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
     adapter whose recorded base is neither the run's base_model/ nor the model its config names.
     """
     run_dir = Path(run_dir).resolve()
-    torch_dtype = resolve_dtype(dtype)
     task = run_task(config)
-    auto_class = auto_model_class(task)
+
+    def hub_base(model_config, torch_dtype):
+        labels = _run_labels(run_dir) if task in HEAD_TASKS else {}
+        return _from_pretrained(model_config, torch_dtype, task, **labels)
+
+    return _full_or_adapter(run_dir, config, dtype, auto_model_class(task), hub_base)
+
+
+def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, hub_base: Callable):
+    """A run's full weights, or its adapter on its base: the run's own base_model/, else the hub model
+    its config names (hub_base(model_config, torch_dtype) builds it), never any other."""
+    torch_dtype = resolve_dtype(dtype)
     adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
     if not adapter_config.is_file():
         _require_safetensors(run_dir, run_dir, "model")
@@ -265,20 +259,17 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
 
     _require_safetensors(run_dir, run_dir, "adapter_model")
     recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    name = config.model.name_or_path
     if os.path.lexists(run_dir / BASE_MODEL_DIR):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
         base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
-    elif recorded in (None, config.model.name_or_path):
-        labels = _run_labels(run_dir) if task in HEAD_TASKS else {}
-        base = _guarded(
-            lambda: _from_pretrained(config.model.model_copy(update={"dtype": dtype}), torch_dtype, task, **labels),
-            "model.name_or_path",
-            str(config.model.name_or_path),
-        )
+    elif name is not None and recorded in (None, name):
+        model_config = config.model.model_copy(update={"dtype": dtype})
+        base = _guarded(lambda: hub_base(model_config, torch_dtype), "model.name_or_path", str(name))
     else:
         raise DsftError(
             f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's {BASE_MODEL_DIR}/ "
-            f"nor model.name_or_path of its config.yaml ({config.model.name_or_path!r}); no other base is loaded"
+            f"nor model.name_or_path of its config.yaml ({name!r}); no other base is loaded"
         )
     return PeftModel.from_pretrained(base, run_dir)
 
