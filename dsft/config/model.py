@@ -12,7 +12,8 @@ from dsft.config.base import Section, as_list
 class ModelConfig(Section):
     name_or_path: str | None = None
     """Hugging Face hub id or local directory of a causal LM in HF format; exclusive with preset."""
-    preset: Literal["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-qwen2", "tiny-llama"] | None = None
+    preset: Literal["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-deepseek-v32", "tiny-deepseek-v4", "tiny-qwen2",
+                    "tiny-llama"] | None = None
     """A tiny random-init model built from config, no download: for tests and the quickstart."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; default: the model's own (a preset trains one on the data)."""

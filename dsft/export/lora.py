@@ -168,7 +168,10 @@ def _converted_part(key: str, shape: tuple[int, ...], target: str, pattern: str,
     """The slice of target that stored tensor key fills, for converters that stack experts along dim 0 and
     concatenate the stored projections along dim 1 (the fused experts of DeepSeek, Qwen-MoE, Mixtral, ...)."""
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
-    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key) if pattern.count("*") == 1 else None
+    # Source patterns are regexes whose one wildcard ".*" stands for the expert index (V3: "mlp.experts.*.gate_proj.
+    # weight", V4: "\\.experts.*.w1.weight"); the wildcard, read as ".<index>", gives that index.
+    wildcard = pattern.count(".*") == 1 and pattern.count("*") == 1
+    expert = re.search(pattern.replace(".*", r"\.(\d+)"), key) if wildcard else None
     if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or expert is None:
         return CheckpointPart(target, unsupported=f"stored through transformers' {ops} conversion of {pattern!r}")
     # Concatenate(dim=1) joins the projections in source order; transformers splits them back in equal chunks.

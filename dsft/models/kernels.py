@@ -34,6 +34,7 @@ import os
 
 from dsft.config import TrainConfig
 from dsft.errors import DsftError
+from dsft.models.families import family_of
 
 LIGER_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 """model_type values whose Liger kernels dsft applies with liger: auto."""
@@ -105,27 +106,34 @@ def resolve_speed_plan(train: TrainConfig, model, cuda: bool | None = None,
     return SpeedPlan(
         liger=liger, chunked_loss=chunked, loss_chunk_tokens=train.loss_chunk_tokens,
         experts=_resolve_experts(train.experts, model, cuda), fused_optimizer=fused, compile=train.compile,
-        checkpointing=checkpointing, attention=_resolve_attention(train.packing, attn_implementation, cuda, reasons),
+        checkpointing=checkpointing,
+        attention=_resolve_attention(train.packing, attn_implementation, cuda, config.model_type, reasons),
         reasons=reasons,
     )
 
 
-def _resolve_attention(packing: bool, attn_implementation: str | None, cuda: bool, reasons: dict[str, str]):
-    attention, reason = packed_attention(packing, attn_implementation, cuda)
+def _resolve_attention(packing: bool, attn_implementation: str | None, cuda: bool, model_type: str | None,
+                       reasons: dict[str, str]):
+    attention, reason = packed_attention(packing, attn_implementation, cuda, model_type)
     if reason is not None:
         reasons["attention"] = reason
     return attention
 
 
-def packed_attention(packing: bool, attn_implementation: str | None, cuda: bool) -> tuple[str | None, str | None]:
+def packed_attention(packing: bool, attn_implementation: str | None, cuda: bool,
+                     model_type: str | None = None) -> tuple[str | None, str | None]:
     """(the attn_implementation for packed rows, None) or (None, why the model's own kernel stays); see the module
-    docstring. attn_implementation is model.attn_implementation, a user's choice that stays."""
+    docstring. attn_implementation is model.attn_implementation, a user's choice that stays; model_type's family
+    may keep the block-diagonal mask (models/families.py)."""
     from dsft.models.varlen_attention import VARLEN, varlen_kernel_available
 
     if not packing:
         return None, "no packing"
     if attn_implementation is not None:
         return None, f"model.attn_implementation: {attn_implementation}"
+    varlen_blocker = family_of(model_type).varlen_blocker
+    if varlen_blocker is not None:
+        return None, f"{varlen_blocker}: the block-diagonal mask"
     if not cuda:
         return None, "no CUDA: the block-diagonal mask"
     if importlib.util.find_spec("flash_attn") is not None:

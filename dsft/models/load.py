@@ -71,11 +71,18 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
 
     dtype = resolve_dtype(model.dtype)
     if model.preset is not None:
-        return with_attention(build_preset(model.preset, tokenizer, seed, dtype), model)
+        return _never_padded(with_attention(build_preset(model.preset, tokenizer, seed, dtype), model))
     loaded = _guarded(lambda: _from_pretrained(model, dtype), "model.name_or_path", model.name_or_path)
     if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
         loaded.resize_token_embeddings(len(tokenizer))
-    return loaded
+    return _never_padded(loaded)
+
+
+def _never_padded(model):
+    """model, run unpadded where its architecture must never see padding (models/unpadded.py)."""
+    from dsft.models.unpadded import guard_padding
+
+    return guard_padding(model)
 
 
 def attention_name(model: ModelConfig) -> str | None:
@@ -143,7 +150,7 @@ def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str]
         if len(tokenizer) > classifier.get_input_embeddings().weight.shape[0]:
             classifier.resize_token_embeddings(len(tokenizer))
     classifier.config.pad_token_id = tokenizer.pad_token_id
-    return classifier
+    return _never_padded(classifier)
 
 
 def _guarded(load: Callable, key: str, value: str):
@@ -228,7 +235,7 @@ def _load_backbone(run_dir: Path, config, dtype: str):
     def hub_base(model_config, torch_dtype):
         return _from_pretrained(model_config, torch_dtype).base_model  # the causal LM's body, as trained
 
-    return _full_or_adapter(Path(run_dir).resolve(), config, dtype, AutoModel, hub_base)
+    return _never_padded(_full_or_adapter(Path(run_dir).resolve(), config, dtype, AutoModel, hub_base))
 
 
 def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
@@ -244,7 +251,7 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
         labels = _run_labels(run_dir) if task in HEAD_TASKS else {}
         return _from_pretrained(model_config, torch_dtype, task, **labels)
 
-    return _full_or_adapter(run_dir, config, dtype, auto_model_class(task), hub_base)
+    return _never_padded(_full_or_adapter(run_dir, config, dtype, auto_model_class(task), hub_base))
 
 
 def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, hub_base: Callable):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dsft.config import MethodConfig
 from dsft.errors import DsftError
+from dsft.models.families import family_of, model_type_of
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,21 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM"):
-    """PEFT's LoraConfig for method.lora (task_type as in apply_method), for trainers that wrap the model themselves."""
+def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None):
+    """PEFT's LoraConfig for method.lora (task_type as in apply_method), for trainers that wrap the model themselves.
+
+    model_type (the model's config.model_type) shapes all-linear for the architectures models/families.py names.
+    """
     from peft import LoraConfig
 
     lora = method.lora
+    architecture = {}
+    if lora.target_modules == "all-linear":
+        family = family_of(model_type)
+        if family.lora_exclude is not None:
+            architecture["exclude_modules"] = family.lora_exclude
+        if family.expert_parameters:
+            architecture["target_parameters"] = list(family.expert_parameters)
     modules_to_save = list(lora.modules_to_save)
     if task_type in ("SEQ_CLS", "TOKEN_CLS") and "score" not in modules_to_save:
         modules_to_save.append("score")  # the new head starts random: it must train in full and be saved
@@ -54,6 +65,7 @@ def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM"):
         target_modules=lora.target_modules,
         modules_to_save=modules_to_save or None,
         task_type=task_type,
+        **architecture,
     )
 
 
@@ -82,7 +94,7 @@ def fused_expert_patterns() -> Iterator[None]:
 def _apply_lora(model, method: MethodConfig, task_type: str):
     from peft import get_peft_model
 
-    peft_config = lora_config(method, task_type)
+    peft_config = lora_config(method, task_type, model_type_of(model))
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
         with fused_expert_patterns():

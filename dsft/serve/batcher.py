@@ -53,9 +53,13 @@ class Job:
     """Whether its client needs each token as it comes (a stream, stop strings); else one wake-up per reply, not
     per token, on the server's event loop."""
 
+    prompt_length: int | None = None
+    """Set where the model must never see padding (DeepSeek-V4, models/unpadded.py): a batch then holds prompts of
+    this one length; None lets prompts of any length share a batch."""
+
     @property
     def group(self) -> tuple:
-        return self.model, self.sampling
+        return self.model, self.sampling, self.prompt_length
 
 
 class QueueFull(Exception):

@@ -17,6 +17,7 @@ import threading
 
 from dsft.config.serve import BatchingConfig
 from dsft.errors import DsftError
+from dsft.models.families import family_of
 from dsft.serve.batcher import Job, JobRefused, QueueFull
 
 log = logging.getLogger("dsft.serve")
@@ -141,6 +142,10 @@ def _check_supported(served) -> None:
         raise DsftError("serve.batching.engine continuous serves one model: remove serve.adapters (and the canary), "
                         "or use engine static")
     config = served.model.config
+    sparse = family_of(config.model_type).varlen_blocker
+    if sparse is not None:  # the paged cache holds plain keys and values, no indexer keys or compressed entries
+        raise DsftError(f"serve.batching.engine continuous cannot serve {type(served.model).__name__} ({sparse}); "
+                        "use engine static")
     if getattr(config, "kv_lora_rank", None) is not None:
         raise DsftError(f"serve.batching.engine continuous cannot serve {type(served.model).__name__}: its MLA "
                         "attention has different key and value head sizes, which transformers' paged cache does not "

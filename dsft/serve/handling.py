@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 
 from dsft.config.serve import ServeConfig
 from dsft.errors import DsftError
+from dsft.models.families import family_of, model_type_of
 from dsft.serve.batcher import Job, JobRefused, QueueFull, Sampling
 from dsft.serve.cache import CachedReply, ReplyCache
 from dsft.serve.metrics import ServeMetrics
@@ -101,6 +102,8 @@ class App:
         self._keys = [key.get_secret_value().encode() for key in config.api_keys]
         self.created_s = int(time.time())
         self.context_tokens: int | None = getattr(served.model.config, "max_position_embeddings", None)
+        # A model that must never see padding batches prompts of one length only (models/unpadded.py).
+        self.one_length_batches = family_of(model_type_of(served.model)).padding_blocker is not None
         """The model's context window (prompt plus reply), when its config names one."""
 
     # -- requests in ----------------------------------------------------------------------------------------------
@@ -244,7 +247,8 @@ class App:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Job(call.prompt_ids, call.max_tokens, call.sampling, call.served.name, deliver,
-                  per_token=call.stream or bool(call.stop))
+                  per_token=call.stream or bool(call.stop),
+                  prompt_length=len(call.prompt_ids) if self.one_length_batches else None)
         try:
             self.engine.submit(job)
         except QueueFull:

@@ -38,6 +38,7 @@ from dsft.data.dataset import DataStats, load_examples
 from dsft.data.preference_data import build_preference_datasets
 from dsft.errors import DsftError
 from dsft.eval.exact_match import score_exact_match
+from dsft.models.families import model_type_of
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
 from dsft.models.load import build_model, has_tokenizer_files
@@ -193,7 +194,7 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     args = trl_arguments(config, run_dir, bool(validation_rows), DPOConfig, beta=d.beta, loss_type=[d.loss],
                          label_smoothing=d.label_smoothing)
     collator = WithSampleIds(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id))
-    peft_config = lora_config(config.method) if config.method.type == "lora" else None
+    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
     validation = as_dataset(validation_rows, False) if validation_rows else []
     try:
         with fused_expert_patterns():  # TRL wraps the policy with peft_config

@@ -19,6 +19,7 @@ from dsft.data.packing import packed_rows
 from dsft.data.read import read_records
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.eval.speed import process_peak_memory
+from dsft.models.families import model_type_of, refuse_packing
 from dsft.models.kernels import optimizer_name, packed_attention, set_attention
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.packed_forward import pack_model
@@ -145,6 +146,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     args = training_arguments(train, run_dir, bool(validation_rows)) if args is None else args
+    refuse_packing(model, train.packing)
     leaves = mark_moe_leaves(model, train.distributed)
     if leaves:
         console.print(f"ZeRO-3: MoE blocks fetched whole ({', '.join(leaves)})")
@@ -183,6 +185,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
     """Run each padded batch of model (and more_models) packed through the model body, with the packed-row attention
     kernel where one applies, and say so."""
+    refuse_packing(model, config.train.packing, padded_batches=True)
     for packed in (model, *more_models):
         pack_model(packed)
     console.print(f"packing: {what} runs as one row of its real tokens through the model body "
@@ -194,7 +197,8 @@ def use_packed_attention(config: RunConfig, *models) -> str:
     chosen, for the log ("attention varlen", "attention unchanged: no CUDA: ...")."""
     import torch
 
-    attention, reason = packed_attention(True, config.model.attn_implementation, torch.cuda.is_available())
+    attention, reason = packed_attention(True, config.model.attn_implementation, torch.cuda.is_available(),
+                                         model_type_of(models[0]))
     for model in models if attention is not None else ():
         set_attention(model, attention)
     return f"attention {attention}" if attention is not None else f"attention unchanged: {reason}"

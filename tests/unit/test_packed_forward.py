@@ -72,6 +72,9 @@ def outputs_and_grads(model, inputs):
     ("token_classification", "tiny-deepseek-v3", "sdpa", "full", False),
     ("causal_lm", "tiny-qwen2", "sdpa", "lora", True),
     ("causal_lm", "tiny-deepseek-v3", "sdpa", "full", True),
+    pytest.param("causal_lm", "tiny-deepseek-v32", "sdpa", "full", False, marks=pytest.mark.xfail(
+        strict=True, reason="issue 19, open: V3.2's packed body differs from padded under sdpa (0.18); refused")),
+    ("backbone", "tiny-deepseek-v32", "eager", "lora", False),
     ("backbone", "tiny-llama", "sdpa", "full", False),
 ])
 def test_packed_forward_equals_padded(tokenizer, monkeypatch, kind, preset, attention, method, left_padded):

@@ -39,7 +39,7 @@ def test_collator_restarts_positions_and_masks_first_labels():
     assert batch["sample_id"].tolist() == [0, 1, 0]
 
 
-@pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-qwen2"])
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-deepseek-v32", "tiny-qwen2"])
 def test_packed_loss_and_gradients_equal_padded(tokenizer, preset):
     torch.manual_seed(0)
     samples = []
