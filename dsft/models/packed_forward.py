@@ -34,8 +34,12 @@ def unpack_tokens(values_1N: torch.Tensor, attention_mask_RL: torch.Tensor) -> t
     differentiable."""
     real_RL = attention_mask_RL.bool()
     out_shape = (*real_RL.shape, *values_1N.shape[2:])
-    expanded = real_RL.reshape(*real_RL.shape, *([1] * (values_1N.dim() - 2))).expand(out_shape)
-    return values_1N.new_zeros(out_shape).masked_scatter(expanded, values_1N[0])
+    return values_1N.new_zeros(out_shape).masked_scatter(broadcast_mask(real_RL, out_shape), values_1N[0])
+
+
+def broadcast_mask(mask_RL: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """mask_RL (rows, length) expanded over the trailing dimensions of shape (rows, length, ...)."""
+    return mask_RL.reshape(*mask_RL.shape, *([1] * (len(shape) - 2))).expand(shape)
 
 
 def body_of(model) -> torch.nn.Module:
@@ -51,7 +55,7 @@ def body_of(model) -> torch.nn.Module:
     return model.base_model
 
 
-def _packs(kwargs: dict) -> bool:
+def packs(kwargs: dict) -> bool:
     """Whether a body call with these keyword arguments runs packed: a padded 2D attention mask, no position ids
     of its own, no cache."""
     attention_mask = kwargs.get("attention_mask")
@@ -75,7 +79,7 @@ def pack_decoder(body: torch.nn.Module) -> None:
             return padded_forward(*args, **kwargs)
         if args:
             kwargs["input_ids"] = args[0]
-        if not _packs(kwargs):
+        if not packs(kwargs):
             return padded_forward(**kwargs)
         input_ids, inputs_embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
         attention_mask = kwargs.pop("attention_mask")

@@ -24,7 +24,7 @@ import types
 import torch
 
 from dsft.models.families import family_of, model_type_of
-from dsft.models.packed_forward import _packs, body_of, unpack_tokens
+from dsft.models.packed_forward import body_of, broadcast_mask, packs, unpack_tokens
 
 
 def guard_padding(model):
@@ -48,7 +48,7 @@ def pads_on_the_right(body: torch.nn.Module) -> None:
             return padded_forward(*args, **kwargs)
         if args:
             kwargs["input_ids"] = args[0]
-        if not _packs(kwargs) or _right_padded(kwargs["attention_mask"]):
+        if not packs(kwargs) or _right_padded(kwargs["attention_mask"]):
             return padded_forward(**kwargs)
         real_RL = kwargs.pop("attention_mask").bool()
         kwargs.pop("position_ids", None)
@@ -57,7 +57,7 @@ def pads_on_the_right(body: torch.nn.Module) -> None:
         for name in ("input_ids", "inputs_embeds"):
             if kwargs.get(name) is not None:
                 values = kwargs[name]
-                kwargs[name] = values.new_zeros(values.shape).masked_scatter(_expand(moved_RL, values), values[real_RL])
+                kwargs[name] = values.new_zeros(values.shape).masked_scatter(broadcast_mask(moved_RL, values.shape), values[real_RL])
         outputs = padded_forward(attention_mask=moved_RL.long(), use_cache=False, **kwargs)
         return _moved_back(outputs, moved_RL, real_RL)
 
@@ -68,10 +68,6 @@ def pads_on_the_right(body: torch.nn.Module) -> None:
 def _right_padded(attention_mask_RL: torch.Tensor) -> bool:
     """Whether every row's real tokens come first (a mask that never rises from 0 to 1 along a row)."""
     return not bool((attention_mask_RL[:, 1:] > attention_mask_RL[:, :-1]).any())
-
-
-def _expand(mask_RL: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return mask_RL.reshape(*mask_RL.shape, *([1] * (values.dim() - 2))).expand(values.shape)
 
 
 def _moved_back(outputs, moved_RL: torch.Tensor, real_RL: torch.Tensor):
