@@ -156,6 +156,10 @@ def checkpoint_parts(stored_shapes: dict[str, tuple[int, ...]], meta_model,
     parts = {}
     for key, shape in stored_shapes.items():
         target, pattern = rename_source_key(key, renamings, converters, meta_model.base_model_prefix, model_shapes)
+        if target not in model_shapes and key in model_shapes:
+            # As transformers' loader does: a key the model already has was not meant for a renaming that fires
+            # on it (V4 renames ".norm." to ".kv_norm.", which would also catch the final model.norm).
+            target, pattern = rename_source_key(key, [], [], meta_model.base_model_prefix, model_shapes)
         if pattern is None:
             parts[key] = CheckpointPart(target)
         else:

@@ -62,6 +62,7 @@ from dsft.train.trl_stage import (
     check_stage_config,
     checkpointing_mode,
     data_lines,
+    router_aux_loss_coef,
     training_texts,
     trl_arguments,
 )
@@ -192,7 +193,7 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     """
     d = config.dpo
     args = trl_arguments(config, run_dir, bool(validation_rows), DPOConfig, beta=d.beta, loss_type=[d.loss],
-                         label_smoothing=d.label_smoothing)
+                         label_smoothing=d.label_smoothing, router_aux_loss_coef=router_aux_loss_coef(policy))
     collator = WithSampleIds(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id))
     peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
     validation = as_dataset(validation_rows, False) if validation_rows else []

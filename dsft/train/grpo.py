@@ -56,6 +56,7 @@ from dsft.train.rl_common import (
     tensorboard_writer,
 )
 from dsft.train.trainer import DsftTrainer, SampleLedger
+from dsft.train.trl_stage import router_aux_loss_coef
 
 TRL_METRIC_NAMES = {
     "kl": "kl",
@@ -179,7 +180,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     trainer = DsftGrpoTrainer(
         model=model,
         reward_funcs=[TrlReward(component, config.grpo.group_size, by_text) for component in components],
-        args=grpo_arguments(config, run_dir),
+        args=grpo_arguments(config, run_dir, router_aux_loss_coef(model)),
         train_dataset=rows,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -198,8 +199,9 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
 
 
-def grpo_arguments(config: RunConfig, run_dir: Path):
-    """TRL's GRPOConfig: dsft's training arguments (as every stage has them) plus the grpo section."""
+def grpo_arguments(config: RunConfig, run_dir: Path, aux_loss_coef: float = 0.0):
+    """TRL's GRPOConfig: dsft's training arguments (as every stage has them) plus the grpo section, with the MoE
+    router loss weighted by aux_loss_coef (trl_stage.router_aux_loss_coef)."""
     from transformers import TrainingArguments
     from trl import GRPOConfig
 
@@ -220,6 +222,7 @@ def grpo_arguments(config: RunConfig, run_dir: Path):
         gradient_checkpointing=config.train.gradient_checkpointing,
         include_num_input_tokens_seen="no",  # GRPO counts prompt and completion tokens itself
         log_completions=False,
+        router_aux_loss_coef=aux_loss_coef,
     )
     return GRPOConfig(**values)
 

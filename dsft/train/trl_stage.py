@@ -96,6 +96,25 @@ def trl_arguments(config: RunConfig, run_dir: Path, has_validation: bool, args_c
                               max_length=None, **stage_arguments)
 
 
+def router_aux_loss_coef(model) -> float:
+    """The MoE router loss weight for TRL's DPO and GRPO trainers: the model's own router_aux_loss_coef when its
+    config asks for router logits (output_router_logits), else 0, as in dsft's SFT, where the model's forward decides.
+
+    TRL's default adds the loss whenever the config has the coefficient at all (DeepSeek-V4's does, off by default)
+    and then reads config.num_experts, which DeepSeek's configs name n_routed_experts.
+
+    Raises DsftError when the model asks for the loss and its config has no num_experts for TRL to read.
+    """
+    text_config = model.config.get_text_config()
+    if not getattr(text_config, "output_router_logits", False):
+        return 0.0
+    if not hasattr(text_config, "num_experts"):
+        raise DsftError(f"model config output_router_logits: true, but TRL's router loss reads config.num_experts, "
+                        f"which {text_config.model_type} does not have; set output_router_logits to false in the "
+                        "model's config.json")
+    return float(getattr(text_config, "router_aux_loss_coef", 0.0))
+
+
 def checkpointing_mode(config: RunConfig) -> str:
     """The activation checkpointing of the run for dsft.models.kernels.enable_checkpointing."""
     return config.train.checkpointing if config.train.gradient_checkpointing else "off"

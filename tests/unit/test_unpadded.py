@@ -59,3 +59,21 @@ def test_other_models_are_left_as_they_are_and_v4_refuses_packing(tokenizer):
     refuse_packing(v4, False)
     with pytest.raises(DsftError, match="train.packing: not available for deepseek_v4: .*compressors"):
         refuse_packing(v4, True)
+
+
+@pytest.mark.parametrize("asks, coef", [(False, 0.0), (True, None)])
+def test_trl_gets_the_router_loss_only_when_the_model_asks_for_it(asks, coef):
+    from types import SimpleNamespace
+
+    from transformers import DeepseekV4Config, MixtralConfig
+
+    from dsft.train.trl_stage import router_aux_loss_coef
+
+    v4 = SimpleNamespace(config=DeepseekV4Config(output_router_logits=asks, router_aux_loss_coef=0.25))
+    mixtral = SimpleNamespace(config=MixtralConfig(output_router_logits=asks, router_aux_loss_coef=0.25))
+    assert router_aux_loss_coef(mixtral) == (0.25 if asks else 0.0)
+    if coef is None:  # V4's config has no num_experts, which TRL's router loss reads
+        with pytest.raises(DsftError, match="output_router_logits.*num_experts.*deepseek_v4"):
+            router_aux_loss_coef(v4)
+    else:
+        assert router_aux_loss_coef(v4) == coef
