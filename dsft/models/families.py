@@ -27,10 +27,12 @@ Choices, and why:
   row of a padded batch alone, and generates prompts of one length together).
 - The token-to-expert table is a buffer: no method trains it, every checkpoint and merge carries it.
 - Packing is refused for V4: a compressor pools consecutive tokens of a row whatever sample they belong to, so a
-  packed row would mix samples in one KV entry. V3.2 packs SFT rows: its indexer scores under the attention mask, so
-  the block-diagonal mask of packed rows keeps it inside each sample (tests/unit/test_packing.py), but only with
-  the mask, never a varlen kernel, which has no place for the indexer's choice. The padded stages' packed body is
-  refused for V3.2: under sdpa it does not give the padded logits yet (a known gap, see the test).
+  packed row would mix samples in one KV entry. V3.2 packs, in SFT and in the padded stages' packed body: its indexer
+  scores under the attention mask, so the block-diagonal mask of packed rows keeps it inside each sample (a packed
+  sample's outputs do not move when another sample changes, tests/unit/test_packed_forward.py), but only with the
+  mask, never a varlen kernel, which has no place for the indexer's choice. Packed equals padded exactly where the
+  indexer keeps every key a query sees (samples up to index_topk tokens: 2048 in V3.2); beyond that, keys with equal
+  index scores (its ReLU gives exact zeros) are chosen by their place in the row, which packing changes.
 """
 
 from __future__ import annotations
@@ -52,8 +54,6 @@ class Family:
     """Why train.packing cannot apply; None where it can."""
     varlen_blocker: str | None = None
     """Why packed rows keep the block-diagonal mask instead of a varlen attention kernel; None where a kernel may run."""
-    batch_packing_blocker: str | None = None
-    """Why the padded stages' packed body (models/packed_forward.py) cannot apply; None where it can."""
     padding_blocker: str | None = None
     """Why the model must never see a padding token (models/unpadded.py then runs each row alone); None where the
     attention mask hides padding."""
@@ -63,8 +63,6 @@ _INDEXER = r".*\.indexer\..*"
 _V32 = Family(
     lora_exclude=_INDEXER,
     varlen_blocker="DeepSeek sparse attention's indexer needs the attention mask",
-    batch_packing_blocker=("a padded batch run as one packed row through DeepSeek-V3.2's body does not give the "
-                           "padded logits under sdpa (tests/unit/test_packed_forward.py); only stage sft packs"),
 )
 _V4 = Family(
     lora_exclude=rf"({_INDEXER}|.*\.o_a_proj)",
@@ -88,10 +86,8 @@ def model_type_of(model) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def refuse_packing(model, packing: bool, padded_batches: bool = False) -> None:
-    """Raise DsftError naming train.packing when it is on for a model whose architecture cannot pack (padded_batches:
-    a padded stage's batches, packed through the body)."""
-    family = family_of(model_type_of(model))
-    blocker = family.packing_blocker or (family.batch_packing_blocker if padded_batches else None)
+def refuse_packing(model, packing: bool) -> None:
+    """Raise DsftError naming train.packing when it is on for a model whose architecture cannot pack."""
+    blocker = family_of(model_type_of(model)).packing_blocker
     if packing and blocker is not None:
         raise DsftError(f"train.packing: not available for {model_type_of(model)}: {blocker}; set train.packing: false")

@@ -185,7 +185,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
     """Run each padded batch of model (and more_models) packed through the model body, with the packed-row attention
     kernel where one applies, and say so."""
-    refuse_packing(model, config.train.packing, padded_batches=True)
+    refuse_packing(model, config.train.packing)
     for packed in (model, *more_models):
         pack_model(packed)
     console.print(f"packing: {what} runs as one row of its real tokens through the model body "

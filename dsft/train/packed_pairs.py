@@ -20,6 +20,7 @@ import types
 
 import torch
 
+from dsft.models.families import refuse_packing
 from dsft.models.packed_forward import packed_positions, unpack_tokens
 
 IGNORE_INDEX = -100
@@ -69,6 +70,7 @@ def pack_trainer_forwards(trainer) -> None:
     from peft import PeftModel
 
     policy = trainer.model
+    refuse_packing(policy, True)
     pack_padded_forward(policy.get_base_model() if isinstance(policy, PeftModel) else policy)
     if trainer.ref_model is not None:
         pack_padded_forward(trainer.ref_model)

@@ -174,6 +174,15 @@ def test_every_stage_trains_on_both_architectures(example, sft_run, tmp_path, mo
     assert config.model.preset == (None if example in FROM_SFT else preset)
 
 
+def test_v32_dpo_packs_its_pairs(sft_run, tmp_path, monkeypatch):
+    preset, quickstart = sft_run
+    if preset != "tiny-deepseek-v32":
+        pytest.skip("V3.2 only (V4 refuses packing)")
+    monkeypatch.chdir(ROOT)
+    summary = train("dpo_after_quickstart", tmp_path / "dpo", f"model.name_or_path={quickstart}", "train.packing=true")
+    assert summary["steps"] == 3 and summary["packing"] is True and summary["final_eval_loss"] > 0
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("example", HEAD_STAGES)
 def test_head_tasks_are_refused_by_name(preset, example, tmp_path, monkeypatch):

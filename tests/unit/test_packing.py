@@ -11,6 +11,8 @@ import torch
 from dsft.data.packing import PackedCollator, pack_best_fit_decreasing, packed_rows
 from dsft.models.presets import build_preset
 
+from .test_packed_forward import see_every_key
+
 
 def test_best_fit_decreasing_by_hand():
     # Longest first: 7 opens bin 0 (free 3), 6 opens bin 1 (free 4), 4 fills bin 1 exactly (the best fit),
@@ -53,7 +55,7 @@ def test_packed_loss_and_gradients_equal_padded(tokenizer, preset):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    model = build_preset(preset, tokenizer, seed=0, dtype=torch.float32)
+    model = see_every_key(build_preset(preset, tokenizer, seed=0, dtype=torch.float32))
     model.config._attn_implementation = "sdpa"
     width = max(len(s["input_ids"]) for s in samples)
     padded = {
