@@ -12,7 +12,9 @@ frozen weights' gradients (4 N instead of 6 N); attention has no weights, so its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import json
 import math
 import time
 
@@ -25,24 +27,37 @@ LOSS_TOLERANCE = 0.01
 
 
 def matmul_params(shape: dict) -> int:
-    """Matrix-multiply weights per token of shape (published config.json fields); active ones for MoE."""
-    hidden, layers, heads = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]
-    lm_head = shape["vocab_size"] * hidden
-    dense_mlp = 3 * hidden * shape["intermediate_size"]
-    if "kv_lora_rank" not in shape:  # Llama / Qwen2 attention: q, k, v, o
-        head_dim = shape.get("head_dim") or hidden // heads
-        attention = 2 * hidden * heads * head_dim + 2 * hidden * shape["num_key_value_heads"] * head_dim
-        return layers * (attention + dense_mlp) + lm_head
-    d_qk, d_v = qk_v_head_dims(shape)
-    q_rank = shape.get("q_lora_rank")
-    query = hidden * heads * d_qk if q_rank is None else hidden * q_rank + q_rank * heads * d_qk
-    key_value = hidden * (shape["kv_lora_rank"] + shape["qk_rope_head_dim"]) + \
-        shape["kv_lora_rank"] * heads * (shape["qk_nope_head_dim"] + d_v)
-    attention = query + key_value + heads * d_v * hidden
-    expert = 3 * hidden * shape["moe_intermediate_size"]
-    moe = hidden * shape["n_routed_experts"] + expert * (shape["n_shared_experts"] + shape["num_experts_per_tok"])
-    dense_layers = shape["first_k_dense_replace"]
-    return layers * attention + dense_layers * dense_mlp + (layers - dense_layers) * moe + lm_head
+    """Matrix-multiply weights per token of shape (published config.json fields); active ones for MoE.
+
+    Counted on the model built from shape on the meta device (no memory), so every architecture transformers has
+    counts the same way: each weight matrix a token is multiplied by (linear layers, routers, V4's compressors,
+    indexers and hyper-connection mappings, the lm_head), each fused expert tensor for the num_experts_per_tok of
+    its experts a token reaches; not the embedding lookup, norms, biases or V4's additive position biases.
+    """
+    return _meta_matmul_params(json.dumps(shape, sort_keys=True))
+
+
+@functools.cache
+def _meta_matmul_params(shape_json: str) -> int:
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsft.models.shapes import shape_config
+
+    shape = json.loads(shape_json)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(shape_config(shape))
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = head.numel()
+    for name, weight in model.named_parameters():
+        if weight is embedding or weight is head or weight.dim() < 2 or name.endswith("position_bias"):
+            continue
+        # A fused expert tensor (experts, out, in): a token passes through num_experts_per_tok of them.
+        total += weight.numel() * shape["num_experts_per_tok"] // weight.shape[0] if weight.dim() == 3 else weight.numel()
+    return int(total)
 
 
 def qk_v_head_dims(shape: dict) -> tuple[int, int]:

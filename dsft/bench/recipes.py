@@ -46,13 +46,11 @@ class RecipeRun:
 def build_model(setup: Setup, seed: int):
     """A random-init model of setup.shape on the training device (bf16 on CUDA, float32 on CPU)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model_types = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "DeepseekV2ForCausalLM": "deepseek_v2",
-                   "DeepseekV3ForCausalLM": "deepseek_v3"}
-    fields = {k: v for k, v in setup.shape.items() if k != "architecture"}
-    config = AutoConfig.for_model(model_types[setup.shape["architecture"]], pad_token_id=PAD_ID, bos_token_id=EOS_ID,
-                                  eos_token_id=EOS_ID, **fields)
+    from dsft.models.shapes import shape_config
+
+    config = shape_config(setup.shape, pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
     cuda = torch.cuda.is_available()
     torch.manual_seed(seed)
     with torch.device("cuda" if cuda else "cpu"):  # initialised where it trains: a 16B model would take minutes on CPU

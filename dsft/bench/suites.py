@@ -10,27 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-PUBLISHED_SHAPES = {
-    # config.json hyper-parameters of the published models (../shared/arch_shapes.json; a test keeps them equal).
-    "deepseek-r1-distill-qwen-1.5b": {
-        "architecture": "Qwen2ForCausalLM", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "hidden_act": "silu",
-        "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-06,
-        "tie_word_embeddings": False},
-    "deepseek-r1-distill-qwen-7b": {
-        "architecture": "Qwen2ForCausalLM", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
-        "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-06,
-        "tie_word_embeddings": False},
-    "deepseek-v2-lite": {
-        "architecture": "DeepseekV2ForCausalLM", "vocab_size": 102400, "hidden_size": 2048,
-        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
-        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy", "n_group": 1,
-        "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "max_position_embeddings": 163840,
-        "rms_norm_eps": 1e-06, "tie_word_embeddings": False},
-}
+from dsft.models.shapes import PUBLISHED_SHAPES
 
 TINY_SHAPES = {
     "tiny-qwen2": {

@@ -72,6 +72,8 @@ class Plan:
     estimates: list[EngineEstimate]
     recommended: str | None
     configured: str
+    model: str = ""
+    """Where the model's shape came from: a preset, a config.json, or a published shape (dsft/models/shapes.py)."""
 
     def fits(self, estimate: EngineEstimate) -> bool:
         return estimate.gpu_bytes <= self.gpu_memory_gib * GIB * USABLE_FRACTION
@@ -149,20 +151,30 @@ def make_plan(total_parameters: int, trainable_parameters: int, frozen_weight_by
 
 
 def model_shape(config: RunConfig):
-    """The transformers config of the run's model: a preset's, or config.json of model.name_or_path (no weights)."""
-    if config.model.preset is not None:
+    """(the transformers config of the run's model, where it came from): a preset's, config.json of
+    model.name_or_path (no weights), or, where that cannot be read (offline, no hub access), the published shape of
+    a known hub id (dsft/models/shapes.py)."""
+    model = config.model
+    if model.preset is not None:
         from dsft.models.presets import preset_config
 
-        return preset_config(config.model.preset, config.model.tokenizer_vocab_size, 1, 2, 0)
+        return preset_config(model.preset, model.tokenizer_vocab_size, 1, 2, 0), f"preset {model.preset}"
     from transformers import AutoConfig
 
     from dsft.models.load import hub_token
+    from dsft.models.shapes import HUB_IDS, published_shape, shape_config
 
     try:
-        return AutoConfig.from_pretrained(config.model.name_or_path, revision=config.model.revision,
-                                          token=hub_token(config.model), trust_remote_code=config.model.trust_remote_code)
+        shape = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, token=hub_token(model),
+                                           trust_remote_code=model.trust_remote_code)
+        return shape, f"{model.name_or_path} config.json"
     except (OSError, ValueError) as exc:
-        raise DsftError(f"model.name_or_path: cannot read the model config of {config.model.name_or_path}: {exc}") from None
+        published = published_shape(model.name_or_path)
+        if published is None:
+            raise DsftError(f"model.name_or_path: cannot read the model config of {model.name_or_path}: {exc}; "
+                            f"the published shapes dsft knows without it: {', '.join(HUB_IDS)}") from None
+        name = HUB_IDS.get(model.name_or_path, model.name_or_path)
+        return shape_config(published), f"published shape {name} (its config.json could not be read)"
 
 
 def count_on_meta(shape, config: RunConfig):
@@ -183,7 +195,7 @@ def count_on_meta(shape, config: RunConfig):
 
 def plan_run(config: RunConfig, gpus: int, gpu_memory_gib: float) -> Plan:
     """The plan of a run config on gpus GPUs of gpu_memory_gib each. Raises DsftError on an unreadable model."""
-    shape = model_shape(config)
+    shape, source = model_shape(config)
     counts = count_on_meta(shape, config)
     text = shape.get_text_config() if hasattr(shape, "get_text_config") else shape
     train = config.train
@@ -194,8 +206,9 @@ def plan_run(config: RunConfig, gpus: int, gpu_memory_gib: float) -> Plan:
                                 text.num_hidden_layers, text.vocab_size, train.gradient_checkpointing, chunk_tokens)
 
     frozen_weight_bytes = 4 if config.model.dtype == "float32" else 2
-    return make_plan(counts.total, counts.trainable, frozen_weight_bytes, activations(chunk), gpus, gpu_memory_gib,
+    plan = make_plan(counts.total, counts.trainable, frozen_weight_bytes, activations(chunk), gpus, gpu_memory_gib,
                      train.distributed, zero3_activations=activations(None) if chunk is not None else None)
+    return dataclasses.replace(plan, model=source)
 
 
 def print_plan(plan: Plan, as_json: bool) -> None:
@@ -207,6 +220,7 @@ def print_plan(plan: Plan, as_json: bool) -> None:
     from rich.table import Table
 
     console = Console()
+    console.print(f"model: {plan.model}")
     console.print(f"parameters: {plan.total_parameters:,} total, {plan.trainable_parameters:,} trained; "
                   f"{plan.gpus} GPU(s) of {plan.gpu_memory_gib:g} GiB ({USABLE_FRACTION:.0%} planned)")
     table = Table("engine", "weights", "gradients", "optimizer", "activations", "per GPU", "CPU per rank", "fits",

@@ -9,6 +9,7 @@ import torch
 from dsft.bench.measure import gate, matmul_params, measured_steps, mfu, sample_flops, sample_lengths
 from dsft.bench.run import run_bench
 from dsft.bench.suites import PUBLISHED_SHAPES, suite_setups, synthetic_samples
+from dsft.models.shapes import shape_config
 from dsft.errors import DsftError
 
 SHARED_SHAPES = Path(__file__).parents[3] / "shared" / "arch_shapes.json"
@@ -26,6 +27,37 @@ def test_matmul_params_of_published_shapes():
     moe_layer = 131_072 + 8 * 8_650_752
     v2_lite = PUBLISHED_SHAPES["deepseek-v2-lite"]
     assert matmul_params(v2_lite) == 27 * attention + 67_239_936 + 26 * moe_layer + 209_715_200 == 2_451_308_544
+
+
+def test_matmul_params_of_the_sparse_attention_shapes():
+    # DeepSeek-V3.2 is V3 plus, in each of 61 layers, the indexer's wq_b 1536 x 64 x 128, wk 7168 x 128 and
+    # weights_proj 7168 x 64.
+    v3, v32 = matmul_params(PUBLISHED_SHAPES["deepseek-v3"]), matmul_params(PUBLISHED_SHAPES["deepseek-v3.2"])
+    assert v3 == 36_624_596_992  # with the 0.93 B embedding: the 37 B active parameters V3 publishes
+    assert v32 - v3 == 61 * (1536 * 64 * 128 + 7168 * 128 + 7168 * 64) == 851_509_248
+    # DeepSeek-V4-Flash, per layer: q_a 4096 x 1024, q_b 1024 x 64 x 512, kv 4096 x 512, the grouped o_a 8 groups of
+    # 4096 x 1024, o_b 8192 x 4096; two hyper-connection mappings 16384 x 24; a router 4096 x 256, 6 routed and 1
+    # shared expert of 3 x 4096 x 2048. Compressors: kv and gate 4096 x 512 each where heavily compressed (ratio
+    # 128), 4096 x 1024 each plus the indexer's (kv and gate 4096 x 256, q_b 1024 x 64 x 128, weights 4096 x 64)
+    # where compressed sparse (ratio 4). The lm_head 129280 x 4096 and the head's mapping 16384 x 4.
+    v4 = PUBLISHED_SHAPES["deepseek-v4-flash"]
+    kinds = shape_config(v4).layer_types
+    heavy, sparse = kinds.count("heavily_compressed_attention"), kinds.count("compressed_sparse_attention")
+    assert (heavy, sparse) == (23, 20)
+    attention = 4096 * 1024 + 1024 * 64 * 512 + 4096 * 512 + 8 * 4096 * 1024 + 8192 * 4096
+    layer = attention + 2 * 16384 * 24 + 4096 * 256 + 7 * 3 * 4096 * 2048
+    compressors = heavy * 2 * 4096 * 512 + sparse * (2 * 4096 * 1024 + 2 * 4096 * 256 + 1024 * 64 * 128 + 4096 * 64)
+    expected = 43 * layer + compressors + 129280 * 4096 + 16384 * 4
+    assert matmul_params(v4) == expected == 13_261_668_352  # V4-Flash publishes 13 B active of 284 B
+
+
+def test_the_new_shapes_are_the_configs_documented_defaults():
+    from transformers import DeepseekV4Config, DeepseekV32Config
+
+    for name, config in (("deepseek-v3.2", DeepseekV32Config()), ("deepseek-v4-flash", DeepseekV4Config())):
+        shape = PUBLISHED_SHAPES[name]
+        assert {key: getattr(config, key) for key in shape if key != "architecture"} == \
+            {key: value for key, value in shape.items() if key != "architecture"}, name
 
 
 def test_flops_per_sample_lora_and_full():
@@ -67,7 +99,10 @@ def test_synthetic_samples_cover_every_recipe_and_mask_prompts():
 @pytest.mark.skipif(not SHARED_SHAPES.is_file(), reason="../shared/arch_shapes.json is beside the checkout only")
 def test_published_shapes_match_the_shared_file():
     shared = json.loads(SHARED_SHAPES.read_text(encoding="utf-8"))
+    assert {"deepseek-v2-lite", "deepseek-v3"} <= shared.keys() & PUBLISHED_SHAPES.keys()
     for name, shape in PUBLISHED_SHAPES.items():
+        if name not in shared:  # V3.2 and V4: transformers' documented defaults (the test above)
+            continue
         assert shape == {k: v for k, v in shared[name].items() if not k.startswith("_")}, name
 
 

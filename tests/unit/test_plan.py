@@ -99,3 +99,22 @@ def test_zero3_on_several_gpus_counts_the_full_logits_the_chunked_loss_cannot_sp
     assert {e.engine: e.activations for e in plan_run(config, 2, 80).estimates} == {
         "ddp": chunked, "zero2": chunked, "fsdp2": chunked, "zero3": full, "zero3_offload": full}
     assert {e.activations for e in plan_run(config, 1, 80).estimates} == {chunked}
+
+
+def test_a_known_hub_id_plans_from_its_published_shape_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; no network is tried
+    path = _config(tmp_path, {"type": "lora", "lora": {"r": 8}})
+    override = ["model.name_or_path=deepseek-ai/DeepSeek-V4-Flash"]
+    plan = plan_run(load_config(path, override), 8, 80)
+    assert plan.model == "published shape deepseek-v4-flash (its config.json could not be read)"
+    # V4-Flash's 284 B parameters, counted on the meta device; LoRA's adapters on top
+    assert plan.total_parameters - plan.trainable_parameters == 284_325_869_015
+    assert 0 < plan.trainable_parameters < 0.01 * plan.total_parameters
+    result = CliRunner().invoke(app, ["plan", str(path), "--set", "model.name_or_path=deepseek-ai/DeepSeek-V3.2"])
+    assert result.exit_code == 0, result.output
+    assert "model: published shape deepseek-v3.2" in result.output
+    unknown = CliRunner().invoke(app, ["plan", str(path), "--set", "model.name_or_path=someone/unknown-model"])
+    assert unknown.exit_code == 1 and "cannot read the model config of someone/unknown-model" in str(unknown.exception)
+    assert "deepseek-ai/DeepSeek-V4-Flash" in str(unknown.exception)
