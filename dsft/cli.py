@@ -31,6 +31,7 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample)
 TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 turns it off (with --sample).")]
 Seed = Annotated[int, typer.Option(help="Random seed for sampling.")]
 System = Annotated[str | None, typer.Option(help="System prompt.")]
+Thinking = Annotated[str | None, typer.Option(help="Thinking mode: auto, on or off (V3.1/V3.2 hybrid thinking); default: the run's data.thinking.")]
 
 
 def _decode(max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int):
@@ -138,11 +139,12 @@ def generate(
     top_p: TopP = 0.95,
     top_k: TopK = 0,
     seed: Seed = 0,
+    thinking: Thinking = None,
 ) -> None:
     """Answer one prompt with a run's model, rendered exactly as in training."""
     from dsft.serve.chat import generate_once
 
-    generate_once(run, prompt, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
+    generate_once(run, prompt, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed, thinking)
 
 
 @app.command()
@@ -155,11 +157,12 @@ def chat(
     top_p: TopP = 0.95,
     top_k: TopK = 0,
     seed: Seed = 0,
+    thinking: Thinking = None,
 ) -> None:
     """Talk with a run's model; replies stream as they are generated (/reset, /exit)."""
     from dsft.serve.chat import chat_loop
 
-    chat_loop(run, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed)
+    chat_loop(run, system, _decode(max_new_tokens, sample, temperature, top_p, top_k), seed, thinking=thinking)
 
 
 @app.command()

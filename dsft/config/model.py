@@ -40,6 +40,10 @@ class ModelConfig(Section):
         return self
 
 
+THINKING_MODES = {"auto": None, "on": True, "off": False}
+"""data.thinking (and dsft generate/chat --thinking) as the renderers take it."""
+
+
 class DataConfig(Section):
     train_files: list[str] = Field(min_length=1)
     """Training data: jsonl, json, csv or parquet files, or a `datasets` save_to_disk directory."""
@@ -49,8 +53,19 @@ class DataConfig(Section):
     """Fraction of the training records held out for validation (seeded by train.seed)."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     """Record format; auto detects it per file from the first record's keys."""
-    chat_template: Literal["auto", "tokenizer", "deepseek_v3", "deepseek_r1"] = "auto"
-    """Prompt rendering; auto: the tokenizer's own template, built-in deepseek_v3 when it has none."""
+    chat_template: Literal["auto", "tokenizer", "deepseek_v3", "deepseek_r1", "deepseek_r1_0528", "deepseek_v31"] = "auto"
+    """Prompt rendering: a built-in DeepSeek template (token for token the model's own: deepseek_v3 for V3/V2.5,
+    deepseek_r1 for R1 and R1-Distill, deepseek_r1_0528, deepseek_v31 for V3.1/V3.2 hybrid thinking), tokenizer
+    (the tokenizer's own jinja template), or auto: the built-in one the tokenizer's template is, else that
+    template, else deepseek_v3."""
+    thinking: Literal["auto", "on", "off"] = "auto"
+    """Thinking mode (deepseek_v31, or the variable thinking of a tokenizer template), the same in training,
+    generate/chat, eval and serve: auto trains a record in thinking mode when its final turn has reasoning and
+    generates without thinking (the template's default); a record's own thinking field (true/false) overrides it.
+    deepseek_r1 and deepseek_r1_0528 always think and refuse off; deepseek_v3 refuses on."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """A final turn's reasoning: keep trains it (in thinking mode; a non-thinking record with reasoning is an
+    error), drop trains the answer alone."""
     system_prompt: str | None = None
     """System message added to conversations that have none."""
     loss_on: Literal["assistant", "final_assistant", "all"] = "assistant"
@@ -65,6 +80,11 @@ class DataConfig(Section):
     """Use at most this many training records (first ones), for quick trials."""
 
     _as_lists = field_validator("train_files", "validation_files", mode="before")(as_list)
+
+    @property
+    def thinking_mode(self) -> bool | None:
+        """data.thinking as the renderers take it: True (on), False (off), None (auto)."""
+        return THINKING_MODES[self.thinking]
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataConfig:

@@ -1,7 +1,20 @@
 """Render conversations to text segments, each marked as carrying loss or not.
 
-The built-in DeepSeek templates are plain Python; "tokenizer" uses the tokenizer's own jinja
-chat template and recovers turn boundaries by rendering growing prefixes of the conversation.
+The built-in DeepSeek templates are plain Python, token for token the models' own jinja templates
+(tests/unit/test_chat_parity.py renders both over copies of the public templates):
+  deepseek_v3       DeepSeek-V3 and V2.5: <｜User｜>q<｜Assistant｜>a<eos>, prompt ends <｜Assistant｜>
+  deepseek_r1       DeepSeek-R1 and R1-Distill: as V3, the prompt opens the think block (<｜Assistant｜><think>\n)
+  deepseek_r1_0528  DeepSeek-R1-0528 (and V3-0324's layout): <｜User｜>q<｜Assistant｜> is the user turn, a<eos>
+  deepseek_v31      DeepSeek-V3.1/V3.2 hybrid thinking: an answer opens with </think> (non-thinking), the
+                    prompt ends <｜Assistant｜><think> in thinking mode, <｜Assistant｜></think> otherwise
+"tokenizer" uses the tokenizer's own jinja chat template and recovers turn boundaries by rendering
+growing prefixes of the conversation.
+
+Thinking (deepseek_v31, and the template variable `thinking` of a tokenizer's own template): True or
+False, or None for auto: in training a conversation thinks when its final turn has reasoning; a
+prompt to generate from does not (the template's own default). deepseek_r1 and deepseek_r1_0528
+always think, deepseek_v3 never switches: they refuse thinking they cannot give (check_thinking).
+History turns never show their reasoning, as in every DeepSeek template.
 
 The training render of a conversation is built from the very pieces `render_prompt` returns for
 its history, so the tokens a model is trained to continue are exactly the tokens `dsft generate`
@@ -19,13 +32,32 @@ from dsft.data.formats import Message
 from dsft.data.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
 from dsft.errors import DsftError
 
-TEMPLATES = ("deepseek_v3", "deepseek_r1", "tokenizer")
+TEMPLATES = ("deepseek_v3", "deepseek_r1", "deepseek_r1_0528", "deepseek_v31", "tokenizer")
 LOSS_ON = ("assistant", "final_assistant", "all")
+REASONING = ("keep", "drop")
 
-_GENERATION_PROMPTS = {"deepseek_v3": ASSISTANT, "deepseek_r1": f"{ASSISTANT}{THINK_OPEN}\n"}
-# DeepSeek-R1's own template removes reasoning with content.split('</think>'); rendered through
-# it, a training target would lose its chain of thought.
-_STRIPS_REASONING = re.compile(r"""\.split\(\s*['"]</think>['"]\s*\)""")
+
+class _Layout(NamedTuple):
+    """The text around each turn of a built-in template."""
+
+    after_user: str
+    """Closes a user turn (R1-0528 opens the assistant's turn there)."""
+    before_answer: str
+    """Opens an assistant turn of the history."""
+    prompts: dict[bool, str]
+    """The generation prompt, by thinking."""
+
+
+_LAYOUTS = {
+    "deepseek_v3": _Layout("", ASSISTANT, {False: ASSISTANT}),
+    "deepseek_r1": _Layout("", ASSISTANT, {True: f"{ASSISTANT}{THINK_OPEN}\n"}),
+    "deepseek_r1_0528": _Layout(ASSISTANT, "", {True: ""}),
+    "deepseek_v31": _Layout("", ASSISTANT + THINK_CLOSE, {False: ASSISTANT + THINK_CLOSE, True: ASSISTANT + THINK_OPEN}),
+}
+_SPLITS_REASONING = re.compile(r"""\.split\(\s*['"]</think>['"]""")
+"""DeepSeek-R1's template removes reasoning with content.split('</think>')."""
+_USER_OPENS_ANSWER = re.compile(r"""'<｜User｜>'\s*\+\s*message\[['"]content['"]\]\s*\+\s*'<｜Assistant｜>'""")
+"""DeepSeek-V3-0324 and R1-0528: the user turn ends with <｜Assistant｜>."""
 
 
 @dataclass(frozen=True)
@@ -45,61 +77,109 @@ class _Piece(NamedTuple):
 def resolve_template(name: str, tokenizer) -> str:
     """The template to render with, from data.chat_template: one of TEMPLATES.
 
-    auto: deepseek_r1 when the tokenizer's own template is DeepSeek-R1-style (it strips reasoning
-    with split('</think>') and uses the DeepSeek markers), else tokenizer when it has a template,
-    else deepseek_v3. Raises DsftError for "tokenizer" when the tokenizer has no chat template,
-    ValueError for a name that is not auto or one of TEMPLATES.
+    auto: the built-in template the tokenizer's own one is (recognise_template), else tokenizer when
+    it has a template, else deepseek_v3. Raises DsftError for "tokenizer" when the tokenizer has no
+    chat template, ValueError for a name that is not auto or one of TEMPLATES.
     """
     own_template = getattr(tokenizer, "chat_template", None)
-    if name in ("deepseek_v3", "deepseek_r1"):
+    if name in _LAYOUTS:
         return name
     if name == "tokenizer":
         if own_template is None:
             raise DsftError(
                 "data.chat_template is 'tokenizer' but the tokenizer has no chat template; "
-                "use auto, deepseek_v3 or deepseek_r1"
+                f"use auto or one of {', '.join(_LAYOUTS)}"
             )
         return name
     if name != "auto":
         raise ValueError(f"unknown chat template {name!r}; allowed: auto, {', '.join(TEMPLATES)}")
     if own_template is None:
         return "deepseek_v3"
-    if isinstance(own_template, str) and _STRIPS_REASONING.search(own_template) and ASSISTANT in own_template:
+    return (recognise_template(own_template) if isinstance(own_template, str) else None) or "tokenizer"
+
+
+def recognise_template(source: str) -> str | None:
+    """The built-in template a DeepSeek jinja template renders as, or None for any other template.
+
+    V3.1/V3.2 open an answer with </think> and read the variable thinking; R1-0528 (and V3-0324)
+    end the user turn with <｜Assistant｜>; R1 and R1-Distill split reasoning off at </think>; V3 and
+    V2.5 use the DeepSeek markers without either. V3.1 is never taken for R1: it is tested first.
+    """
+    if USER not in source or ASSISTANT not in source:
+        return None
+    if ASSISTANT + THINK_CLOSE in source and "thinking" in source:
+        return "deepseek_v31"
+    if _USER_OPENS_ANSWER.search(source):
+        return "deepseek_r1_0528"
+    if _SPLITS_REASONING.search(source):
         return "deepseek_r1"
-    return "tokenizer"
+    return "deepseek_v3"
 
 
-def render_conversation(messages: Sequence[Message], template: str, tokenizer, loss_on: str) -> list[Segment]:
+def check_thinking(template: str, thinking: bool | None, key: str = "data.thinking") -> None:
+    """Raise DsftError (naming key) when a built-in template cannot give the thinking asked for."""
+    if template in _LAYOUTS and thinking is not None and thinking not in _LAYOUTS[template].prompts:
+        mode = "always thinks" if True in _LAYOUTS[template].prompts else "has no thinking mode"
+        raise DsftError(f"{key}: {'on' if thinking else 'off'}, but {template} {mode}; "
+                        "use auto, or deepseek_v31 (hybrid thinking)")
+
+
+def render_conversation(messages: Sequence[Message], template: str, tokenizer, loss_on: str,
+                        thinking: bool | None = None, reasoning: str = "keep") -> list[Segment]:
     """Render a conversation ending with the assistant turn to train on.
 
     loss_on: "assistant" trains every assistant answer (with its end-of-turn text), "final_assistant"
     only the last one, "all" every token. Reasoning of earlier assistant turns is left out (as the
-    DeepSeek templates do); the final turn's reasoning is part of its target. Empty segments are
-    omitted. Raises DsftError when the conversation does not end with an assistant turn or the
-    tokenizer's template cannot be split into turns; ValueError for an unknown template or loss_on.
+    DeepSeek templates do); the final turn's reasoning is part of its target, unless reasoning is
+    "drop". thinking (see the module docstring): None thinks when the final turn has reasoning.
+    Empty segments are omitted. Raises DsftError when the conversation does not end with an
+    assistant turn, its reasoning would train in non-thinking mode, or the tokenizer's template
+    cannot be split into turns; ValueError for an unknown template, loss_on or reasoning.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"unknown loss_on {loss_on!r}; allowed: {', '.join(LOSS_ON)}")
+    if reasoning not in REASONING:
+        raise ValueError(f"unknown reasoning {reasoning!r}; allowed: {', '.join(REASONING)}")
     if not messages or messages[-1].role != "assistant":
         raise DsftError("a conversation to train on must end with an assistant message")
     final = len(messages) - 1
+    answer = messages[-1] if reasoning == "keep" else Message("assistant", messages[-1].content)
+    thinking = _final_thinking(template, thinking, answer)
     # The final turn's prompt is rendered by the function render_prompt uses: train/generation identity.
-    pieces = _prompt_pieces(messages[:-1], template, tokenizer)
+    pieces = _prompt_pieces(messages[:-1], template, tokenizer, thinking)
     if template == "tokenizer":
         prompt = "".join(piece.text for piece in pieces)
-        pieces.append(_Piece(_template_final_target(messages, prompt, tokenizer), final))
+        pieces.append(_Piece(_template_final_target(messages[:-1], answer, prompt, tokenizer, thinking), final))
     else:
-        pieces.append(_Piece(_builtin_final_target(messages[-1], template, tokenizer), final))
+        pieces.append(_Piece(_builtin_final_target(answer, template, tokenizer, thinking), final))
     return [Segment(piece.text, _is_trainable(piece, loss_on, final)) for piece in pieces if piece.text]
 
 
-def render_prompt(messages: Sequence[Message], template: str, tokenizer) -> list[Segment]:
+def render_prompt(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None) -> list[Segment]:
     """Render a conversation history (normally ending with a user turn) plus the generation prompt.
 
-    All segments are non-trainable; their concatenation is the text a model continues. Raises like
-    render_conversation.
+    All segments are non-trainable; their concatenation is the text a model continues. thinking
+    None: the template's default (deepseek_v31 does not think). Raises like render_conversation.
     """
-    return [Segment(piece.text, False) for piece in _prompt_pieces(messages, template, tokenizer) if piece.text]
+    check_thinking(template, thinking)
+    if thinking is None and template in _LAYOUTS:
+        thinking = next(iter(_LAYOUTS[template].prompts))
+    pieces = _prompt_pieces(messages, template, tokenizer, thinking)
+    return [Segment(piece.text, False) for piece in pieces if piece.text]
+
+
+def _final_thinking(template: str, thinking: bool | None, answer: Message) -> bool | None:
+    """Whether the final turn trains in thinking mode; raises DsftError for reasoning without it."""
+    check_thinking(template, thinking)
+    if template == "tokenizer":
+        return thinking
+    prompts = _LAYOUTS[template].prompts
+    if thinking is None:
+        thinking = answer.reasoning is not None if len(prompts) == 2 else next(iter(prompts))
+    if len(prompts) == 2 and not thinking and answer.reasoning is not None:
+        raise DsftError(f"the final assistant turn has reasoning, which {template} trains only in thinking mode; "
+                        "set data.thinking: on or auto (or the record's thinking: true), or data.reasoning: drop")
+    return thinking
 
 
 def render_text(text: str, tokenizer) -> list[Segment]:
@@ -119,43 +199,46 @@ def _is_trainable(piece: _Piece, loss_on: str, final: int) -> bool:
     return piece.answer_of == final
 
 
-def _prompt_pieces(messages: Sequence[Message], template: str, tokenizer) -> list[_Piece]:
+def _prompt_pieces(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None) -> list[_Piece]:
     if template == "tokenizer":
-        return _template_prompt_pieces(messages, tokenizer)
-    if template in _GENERATION_PROMPTS:
-        return _builtin_prompt_pieces(messages, template, tokenizer)
+        return _template_prompt_pieces(messages, tokenizer, thinking)
+    if template in _LAYOUTS:
+        return _builtin_prompt_pieces(messages, _LAYOUTS[template], tokenizer, thinking)
     raise ValueError(f"unknown chat template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
-def _builtin_prompt_pieces(messages: Sequence[Message], template: str, tokenizer) -> list[_Piece]:
+def _builtin_prompt_pieces(messages: Sequence[Message], layout: _Layout, tokenizer, thinking: bool | None) -> list[_Piece]:
     eos = _eos(tokenizer)
     has_system = bool(messages) and messages[0].role == "system"
     pieces = [_Piece(_bos(tokenizer) + (messages[0].content if has_system else ""), None)]
     for i in range(1 if has_system else 0, len(messages)):
         message = messages[i]
         if message.role == "user":
-            pieces.append(_Piece(USER + message.content, None))
+            pieces.append(_Piece(USER + message.content + layout.after_user, None))
         elif message.role == "assistant":
             # Only the answer of an earlier turn: DeepSeek models never see past reasoning.
-            pieces += [_Piece(ASSISTANT, None), _Piece(message.content + eos, i)]
+            pieces += [_Piece(layout.before_answer, None), _Piece(message.content + eos, i)]
         else:
             raise DsftError(f"message {i}: a {message.role} message is only allowed first")
-    pieces.append(_Piece(_GENERATION_PROMPTS[template], None))
+    pieces.append(_Piece(layout.prompts[thinking], None))
     return pieces
 
 
-def _builtin_final_target(message: Message, template: str, tokenizer) -> str:
+def _builtin_final_target(message: Message, template: str, tokenizer, thinking: bool) -> str:
     eos = _eos(tokenizer)
     reasoning = message.reasoning
     if template == "deepseek_r1":
         # The generation prompt already opened the think block; no reasoning gives an empty one.
         return f"{'' if reasoning is None else reasoning}\n{THINK_CLOSE}\n\n{message.content}{eos}"
+    if template == "deepseek_v31":
+        # V3.1's thinking output: <think> (the prompt) reasoning </think> answer, no newlines between.
+        return f"{reasoning or ''}{THINK_CLOSE}{message.content}{eos}" if thinking else message.content + eos
     if reasoning is None:
         return message.content + eos
     return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{message.content}{eos}"
 
 
-def _template_prompt_pieces(messages: Sequence[Message], tokenizer) -> list[_Piece]:
+def _template_prompt_pieces(messages: Sequence[Message], tokenizer, thinking: bool | None) -> list[_Piece]:
     """Prompt and answer pieces of every assistant turn, by the prefix difference of renders.
 
     Turn i's prompt is render(messages[:i], generation prompt) minus what was rendered before it,
@@ -166,28 +249,27 @@ def _template_prompt_pieces(messages: Sequence[Message], tokenizer) -> list[_Pie
     for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        prompt = _apply_template(tokenizer, chat[:i], add_generation_prompt=True)
-        full = _apply_template(tokenizer, chat[: i + 1], add_generation_prompt=False)
+        prompt = _apply_template(tokenizer, chat[:i], True, thinking)
+        full = _apply_template(tokenizer, chat[: i + 1], False, thinking)
         pieces += [_Piece(_after_prefix(rendered, prompt), None), _Piece(_after_prefix(prompt, full), i)]
         rendered = full
-    generation_prompt = _apply_template(tokenizer, chat, add_generation_prompt=True)
+    generation_prompt = _apply_template(tokenizer, chat, True, thinking)
     pieces.append(_Piece(_after_prefix(rendered, generation_prompt), None))
     return pieces
 
 
-def _template_final_target(messages: Sequence[Message], prompt: str, tokenizer) -> str:
+def _template_final_target(history: Sequence[Message], final: Message, prompt: str, tokenizer,
+                           thinking: bool | None) -> str:
     """The final turn's target: its full render minus prompt, the render of the history with the generation prompt."""
-    final = messages[-1]
     content = final.content
     if final.reasoning is not None:
         content = f"{THINK_OPEN}\n{final.reasoning}\n{THINK_CLOSE}\n\n{final.content}"
-    chat = _chat_dicts(messages[:-1])
-    full = _apply_template(tokenizer, [*chat, {"role": "assistant", "content": content}], add_generation_prompt=False)
-    target = _after_prefix(prompt, full)
+    chat = [*_chat_dicts(history), {"role": "assistant", "content": content}]
+    target = _after_prefix(prompt, _apply_template(tokenizer, chat, False, thinking))
     if final.reasoning is not None and final.reasoning not in target:
         raise DsftError(
-            "the tokenizer's chat template drops the reasoning of the final assistant turn; "
-            "set data.chat_template to deepseek_r1"
+            "the tokenizer's chat template drops the reasoning of the final assistant turn; set "
+            f"data.chat_template to the built-in one of its model ({', '.join(_LAYOUTS)}) or data.reasoning: drop"
         )
     return target
 
@@ -197,11 +279,13 @@ def _chat_dicts(messages: Sequence[Message]) -> list[dict]:
     return [{"role": message.role, "content": message.content} for message in messages]
 
 
-def _apply_template(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:
+def _apply_template(tokenizer, chat: list[dict], add_generation_prompt: bool, thinking: bool | None) -> str:
     from jinja2 import TemplateError
 
+    variables = {} if thinking is None else {"thinking": thinking}  # the template variable V3.1's template reads
     try:
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **variables)
     except TemplateError as exc:
         raise DsftError(f"the tokenizer's chat template failed on this conversation: {exc}") from None
 
@@ -210,7 +294,7 @@ def _after_prefix(prefix: str, text: str) -> str:
     if not text.startswith(prefix):
         raise DsftError(
             "the tokenizer's chat template is not prefix-consistent (rendering one more turn changes "
-            "the text before it); set data.chat_template to deepseek_v3 or deepseek_r1"
+            f"the text before it); set data.chat_template to a built-in template ({', '.join(_LAYOUTS)})"
         )
     return text[len(prefix) :]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from dsft.data.chat import Segment, render_conversation, render_text, resolve_template
+from dsft.data.chat import Segment, check_thinking, render_conversation, render_text, resolve_template
 from dsft.data.encode import IGNORE_INDEX, encode_segments, truncate
 from dsft.data.formats import Example, Message, detect_format, to_example
 from dsft.data.read import RawRecord, read_records
@@ -180,6 +180,7 @@ def build_sft_datasets(data: DataConfig, tokenizer, seed: int) -> tuple[list[dic
     """
     stats = DataStats()
     template = resolve_template(data.chat_template, tokenizer)
+    check_thinking(template, data.thinking_mode)  # before any record is read
     train_examples = load_examples(
         data.train_files, data.format, data.on_error, stats, data.system_prompt, data.max_samples
     )
@@ -225,7 +226,7 @@ def _encode_examples(
 
 def _encode_example(example: Example, template: str, tokenizer, data: DataConfig, stats: DataStats) -> dict | None:
     """Ids and labels of one example, fitted to data.max_length_tokens; None (counted) when dropped."""
-    input_ids, labels = encode_segments(_render(example, template, tokenizer, data.loss_on), tokenizer)
+    input_ids, labels = encode_segments(_render(example, template, tokenizer, data), tokenizer)
     too_long = len(input_ids) > data.max_length_tokens
     fitted = truncate(input_ids, labels, data.max_length_tokens, data.truncation)
     if fitted is None:
@@ -239,11 +240,12 @@ def _encode_example(example: Example, template: str, tokenizer, data: DataConfig
     return {"input_ids": fitted[0], "labels": fitted[1]}
 
 
-def _render(example: Example, template: str, tokenizer, loss_on: str) -> list[Segment]:
+def _render(example: Example, template: str, tokenizer, data: DataConfig) -> list[Segment]:
+    thinking = data.thinking_mode if example.thinking is None else example.thinking
     try:
         if example.text is not None:
             return render_text(example.text, tokenizer)
-        return render_conversation(example.messages, template, tokenizer, loss_on)
+        return render_conversation(example.messages, template, tokenizer, data.loss_on, thinking, data.reasoning)
     except DsftError as exc:
         raise DsftError(f"{example.source}: {exc}") from None
 

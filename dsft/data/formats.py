@@ -64,6 +64,8 @@ class Example:
     (or, read with require_answer=False, possibly with the user turn to answer)."""
     text: str | None = None
     """Format text (continued pre-training): the document."""
+    thinking: bool | None = None
+    """The record's own thinking mode (its thinking field), overriding data.thinking; None: not given."""
 
 
 def detect_format(record: RawRecord) -> str:
@@ -98,7 +100,10 @@ def to_example(
     messages = parsers[fmt](record, require_answer)
     if system_prompt is not None and messages[0].role != "system":
         messages = [Message("system", system_prompt), *messages]
-    return Example(record.source, messages=tuple(messages))
+    thinking = record.data.get("thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise _field_error(record, "thinking", f"must be true or false, not {thinking!r}")
+    return Example(record.source, messages=tuple(messages), thinking=thinking)
 
 
 def _alpaca_messages(record: RawRecord, require_answer: bool) -> list[Message]:

@@ -25,11 +25,13 @@ class ExactMatchResult:
 
 
 def score_exact_match(
-    model, tokenizer, examples: Sequence[Example], template: str, settings: DecodeSettings, batch_size: int
+    model, tokenizer, examples: Sequence[Example], template: str, settings: DecodeSettings, batch_size: int,
+    thinking: bool | None = None,
 ) -> ExactMatchResult:
-    """Greedy-decode every example's prompt and compare the answer (reasoning removed) to its reference."""
+    """Greedy-decode every example's prompt (in thinking mode thinking, dsft.data.chat's) and compare the answer
+    (reasoning removed) to its reference."""
     pairs = [split_prompt_reference(example) for example in examples]
-    prompts = [prompt_ids(messages, template, tokenizer) for messages, _ in pairs]
+    prompts = [prompt_ids(messages, template, tokenizer, thinking) for messages, _ in pairs]
     was_training = model.training
     model.eval()
     replies = generate_batch(model, tokenizer, prompts, settings, batch_size)

@@ -26,9 +26,9 @@ from dsft.models.generate import (
 
 class EvalMetricsCallback(TrainerCallback):
     def __init__(self, tokenizer, template: str, validation_rows: Sequence[dict], examples: Sequence[Example],
-                 settings: EvalConfig, write: Callable[[dict], None]):
+                 settings: EvalConfig, write: Callable[[dict], None], thinking: bool | None = None):
         self.tokenizer = tokenizer
-        self.template = template
+        self.template, self.thinking = template, thinking
         self.validation_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in validation_rows]
         self.pairs = [split_prompt_reference(example) for example in examples]
         self.settings = settings
@@ -46,7 +46,7 @@ class EvalMetricsCallback(TrainerCallback):
             self.write(record)
 
     def _generation_metrics(self, model) -> dict:
-        prompts = [prompt_ids(messages, self.template, self.tokenizer) for messages, _ in self.pairs]
+        prompts = [prompt_ids(messages, self.template, self.tokenizer, self.thinking) for messages, _ in self.pairs]
         was_training = model.training
         model.eval()
         replies = generate_batch(model, self.tokenizer, prompts, DecodeSettings(max_new_tokens=self.settings.max_new_tokens),

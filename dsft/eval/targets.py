@@ -23,6 +23,11 @@ class EvalTarget:
     config: RunConfig | None = None
     """The run's config; None for a plain model."""
 
+    @property
+    def thinking(self) -> bool | None:
+        """The run's data.thinking (dsft.data.chat's thinking); None (the template's default) for a plain model."""
+        return None if self.config is None else self.config.data.thinking_mode
+
 
 def weights_sha256(directory: Path) -> str | None:
     """One digest over every safetensors file of a directory (sorted by name), or None if it has none."""

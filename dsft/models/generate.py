@@ -34,9 +34,9 @@ class DecodeSettings:
         return kwargs
 
 
-def prompt_ids(messages: Sequence[Message], template: str, tokenizer) -> list[int]:
+def prompt_ids(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training rendered it."""
-    ids, _ = encode_segments(render_prompt(messages, template, tokenizer), tokenizer)
+    ids, _ = encode_segments(render_prompt(messages, template, tokenizer, thinking), tokenizer)
     return ids
 
 

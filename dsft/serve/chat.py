@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dsft.data.formats import Message
+from dsft.errors import DsftError
 from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
@@ -18,23 +19,32 @@ from dsft.models.generate import (
 from dsft.models.load import load_run
 
 
-def _start(run_dir: Path, seed: int):
+def _start(run_dir: Path, seed: int, thinking: str | None):
+    """(model, tokenizer, template, thinking mode): thinking overrides the run's data.thinking (auto, on, off)."""
     from transformers import set_seed
 
+    from dsft.config.model import THINKING_MODES
+    from dsft.data.chat import check_thinking
+
     model, tokenizer, config = load_run(run_dir)
+    setting = config.data.thinking if thinking is None else thinking
+    if setting not in THINKING_MODES:
+        raise DsftError(f"--thinking: {setting!r} is not one of {', '.join(THINKING_MODES)}")
+    check_thinking(config.data.chat_template, THINKING_MODES[setting])
     set_seed(seed)
-    return model, tokenizer, config.data.chat_template
+    return model, tokenizer, config.data.chat_template, THINKING_MODES[setting]
 
 
 def _opening(system: str | None) -> list[Message]:
     return [Message("system", system)] if system else []
 
 
-def generate_once(run_dir: Path, prompt: str, system: str | None, settings: DecodeSettings, seed: int) -> str:
-    """Print and return the reply to one prompt."""
-    model, tokenizer, template = _start(run_dir, seed)
+def generate_once(run_dir: Path, prompt: str, system: str | None, settings: DecodeSettings, seed: int,
+                  thinking: str | None = None) -> str:
+    """Print and return the reply to one prompt (thinking: see _start)."""
+    model, tokenizer, template, mode = _start(run_dir, seed, thinking)
     messages = [*_opening(system), Message("user", prompt)]
-    reply = generate_batch(model, tokenizer, [prompt_ids(messages, template, tokenizer)], settings)[0]
+    reply = generate_batch(model, tokenizer, [prompt_ids(messages, template, tokenizer, mode)], settings)[0]
     print(reply)
     return reply
 
@@ -46,11 +56,12 @@ def chat_loop(
     seed: int,
     read_line: Callable[[], str] | None = None,
     console: Console | None = None,
+    thinking: str | None = None,
 ) -> list[Message]:
     """Interactive chat; returns the conversation. /reset clears the history, /exit (or EOF) ends."""
     console = console or Console()
     read_line = read_line or (lambda: console.input("[bold]you>[/bold] "))
-    model, tokenizer, template = _start(run_dir, seed)
+    model, tokenizer, template, mode = _start(run_dir, seed, thinking)
     history = _opening(system)
     console.print(f"[dim]chatting with {run_dir} (/reset clears the history, /exit quits)[/dim]")
     while True:
@@ -67,7 +78,7 @@ def chat_loop(
             continue
         history.append(Message("user", line))
         pieces = []
-        for piece in stream_reply(model, tokenizer, prompt_ids(history, template, tokenizer), settings):
+        for piece in stream_reply(model, tokenizer, prompt_ids(history, template, tokenizer, mode), settings):
             pieces.append(piece)
             console.print(piece, end="", markup=False, highlight=False)
         console.print()

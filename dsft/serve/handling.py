@@ -51,6 +51,20 @@ MODEL_HEADER = "x-dsft-model"
 """Response header naming the served model that answered (a canary alias names the version it routed to)."""
 
 
+def _thinking(parsed: ChatCompletionRequest, served: ServedModel) -> bool | None:
+    """The request's chat_template_kwargs.thinking, else the run's; ApiError(400) for a mode its template lacks."""
+    from dsft.data.chat import check_thinking
+
+    kwargs = parsed.chat_template_kwargs
+    if kwargs is None or kwargs.thinking is None:
+        return served.thinking
+    try:
+        check_thinking(served.template, kwargs.thinking, "chat_template_kwargs.thinking")
+    except DsftError as exc:
+        raise ApiError(400, str(exc), "invalid_request", param="chat_template_kwargs.thinking") from None
+    return kwargs.thinking
+
+
 def _prompt_field(parsed) -> str:
     return "messages" if isinstance(parsed, ChatCompletionRequest) else "prompt"
 
@@ -165,7 +179,7 @@ class App:
             if isinstance(parsed, ChatCompletionRequest):
                 messages = [Message("system" if m.role == "developer" else m.role, m.text(), m.reasoning_content)
                             for m in parsed.messages]
-                segments = render_prompt(messages, served.template, tokenizer)
+                segments = render_prompt(messages, served.template, tokenizer, _thinking(parsed, served))
             else:
                 segments = render_text(parsed.prompt, tokenizer)[:-1]  # [bos] + text: no end-of-sequence
             ids, _ = encode_segments(segments, tokenizer)

@@ -30,6 +30,8 @@ class ServedModel:
     """Chat template the model's prompts are rendered with: its run's own (as in training)."""
     source: str
     """Where it was loaded from (logged at startup)."""
+    thinking: bool | None = None
+    """Its run's data.thinking (dsft.data.chat's), the default of a request's chat_template_kwargs.thinking."""
 
 
 class CanaryRouter:
@@ -97,14 +99,14 @@ def load_served(target: str, config: ServeConfig) -> ServedModels:
     _require_causal_lm(loaded.config, target)
     primary_name = config.model_name or Path(target).resolve().name
     model, primary_adapter = loaded.model, ("default" if hasattr(loaded.model, "peft_config") else None)
-    served = [ServedModel(primary_name, primary_adapter, loaded.template, str(target))]
+    served = [ServedModel(primary_name, primary_adapter, loaded.template, str(target), loaded.thinking)]
     base_identity = _base_identity(Path(target), loaded.config)
     for i, (name, run_dir) in enumerate(config.adapters.items(), 1):
         if name in (entry.name for entry in served):
             raise DsftError(f"serve.adapters.{name}: the name is served already; give each model its own name")
-        template = _check_adapter_run(Path(run_dir), name, base_identity, loaded.tokenizer)
+        data = _check_adapter_run(Path(run_dir), name, base_identity, loaded.tokenizer)
         model = _attach_adapter(model, Path(run_dir), f"{ADAPTER_PREFIX}{i}")
-        served.append(ServedModel(name, f"{ADAPTER_PREFIX}{i}", template, run_dir))
+        served.append(ServedModel(name, f"{ADAPTER_PREFIX}{i}", data.chat_template, run_dir, data.thinking_mode))
     model.eval()
     return ServedModels(_on_gpu_if_any(model), loaded.tokenizer, served, config.canary)
 
@@ -135,9 +137,9 @@ def _base_identity(directory: Path, run_config) -> str | None:
     return weights_sha256(directory)
 
 
-def _check_adapter_run(run_dir: Path, name: str, base_identity: str | None, tokenizer) -> str:
+def _check_adapter_run(run_dir: Path, name: str, base_identity: str | None, tokenizer):
     """Check that run_dir is a LoRA run (safetensors inside it) on the served base with the same tokenizer;
-    returns its chat template."""
+    returns its data section (chat template and thinking)."""
     from dsft.config import load_config
     from dsft.data.tokenizer import load_tokenizer
     from dsft.models.load import ADAPTER_CONFIG_FILE
@@ -156,7 +158,7 @@ def _check_adapter_run(run_dir: Path, name: str, base_identity: str | None, toke
                         f"{base_identity}); adapters share one base")
     if load_tokenizer(run_dir).get_vocab() != tokenizer.get_vocab():
         raise DsftError(f"{key}: {run_dir} has another tokenizer than the served model; adapters share one tokenizer")
-    return run_config.data.chat_template
+    return run_config.data
 
 
 def _attach_adapter(model, run_dir: Path, adapter_name: str):

@@ -111,8 +111,17 @@ class _Generation(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class ChatTemplateKwargs(BaseModel):
+    """Template variables a request may set (vLLM's and SGLang's chat_template_kwargs); any other is refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    thinking: bool | None = None
+    """DeepSeek-V3.1/V3.2 thinking mode for this request; None: the run's data.thinking."""
+
+
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: ChatTemplateKwargs | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
 

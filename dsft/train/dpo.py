@@ -233,7 +233,8 @@ def _exact_match(model, tokenizer, config: RunConfig, console: Console, when: st
     examples = load_examples(config.eval.generate_files, data.format, data.on_error, stats, data.system_prompt)
     examples = [e for e in examples if e.messages and e.messages[-1].role == "assistant"][: config.eval.max_samples]
     settings = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
-    result = score_exact_match(model, tokenizer, examples, data.chat_template, settings, config.eval.batch_size)
+    result = score_exact_match(model, tokenizer, examples, data.chat_template, settings, config.eval.batch_size,
+                               data.thinking_mode)
     console.print(f"exact match {when}: {result.accuracy:.3f} on {result.count} held-out prompts")
     return result.accuracy
 

@@ -64,7 +64,8 @@ def held_out_exact_match(model, tokenizer, examples, config: RunConfig, console:
     if not examples or (when == "before training" and not config.eval.before_training):
         return None
     settings = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
-    result = score_exact_match(model, tokenizer, examples, config.data.chat_template, settings, config.eval.batch_size)
+    result = score_exact_match(model, tokenizer, examples, config.data.chat_template, settings,
+                               config.eval.batch_size, config.data.thinking_mode)
     console.print(f"exact match {when}: {result.accuracy:.3f} on {result.count} held-out prompts")
     return result
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dsft.config import EvalConfig, RunConfig
+from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
 from dsft.data.packing import PackedCollator
@@ -91,15 +91,15 @@ def run_sft(
                                     loss_chunk_tokens=speed.loss_chunk_tokens if speed.chunked_loss else None)
     if validation_rows:
         trainer.add_callback(EvalMetricsCallback(tokenizer, template, validation_rows, _with_references(eval_examples),
-                                                 config.eval, guards.metrics.write))
-    before = _score(model, tokenizer, eval_examples, template, config.eval, console, "before training")
+                                                 config.eval, guards.metrics.write, config.data.thinking_mode))
+    before = _score(model, tokenizer, eval_examples, template, config, console, "before training")
     checkpoint = checkpoint_to_resume(run_dir, console) if resume else None
     train_output = train_guarded(trainer, guards, checkpoint, config.train, resume_command)
     eval_loss = trainer.evaluate()["eval_loss"] if validation_rows else None
 
     # Save: adapter or full model, tokenizer, then the numbers.
     save_model(trainer, tokenizer, run_dir, config)
-    after = _score(model, tokenizer, eval_examples, template, config.eval, console, "after training")
+    after = _score(model, tokenizer, eval_examples, template, config, console, "after training")
     summary = run_summary(config, train_output, eval_loss, stats, counts, started_s, trainer)
     summary.update(exact_match_before=before.accuracy if before else None, exact_match_after=after.accuracy if after else None,
                    exact_match_samples=after.samples if after else [])
@@ -139,11 +139,13 @@ def _with_references(examples: list) -> list:
     return [e for e in examples if e.messages and e.messages[-1].role == "assistant"]
 
 
-def _score(model, tokenizer, examples, template, eval_config: EvalConfig, console, when: str) -> ExactMatchResult | None:
+def _score(model, tokenizer, examples, template, config: RunConfig, console, when: str) -> ExactMatchResult | None:
+    eval_config = config.eval
     if not examples or (when == "before training" and not eval_config.before_training):
         return None
     settings = DecodeSettings(max_new_tokens=eval_config.max_new_tokens)
-    result = score_exact_match(model, tokenizer, examples, template, settings, eval_config.batch_size)
+    result = score_exact_match(model, tokenizer, examples, template, settings, eval_config.batch_size,
+                               config.data.thinking_mode)
     console.print(f"exact match {when}: {result.accuracy:.3f} on {result.count} held-out prompts")
     return result
 

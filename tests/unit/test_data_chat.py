@@ -159,10 +159,13 @@ def test_tokenizer_template_segments_and_masks(tokenizer, monkeypatch):
     assert "".join(s.text for s in render_prompt(CONVERSATION[:-1], "tokenizer", tokenizer)) == expected_prompt
 
 
-@pytest.mark.parametrize("template", ["deepseek_v3", "deepseek_r1", "tokenizer"])
+@pytest.mark.parametrize("template", ["deepseek_v3", "deepseek_r1", "deepseek_r1_0528", "deepseek_v31", "tokenizer"])
 def test_prompt_tokens_equal_training_tokens_before_the_final_target(tokenizer, monkeypatch, template):
     monkeypatch.setattr(tokenizer, "chat_template", PLAIN_TEMPLATE)
-    prompt_ids, prompt_labels = encode_segments(render_prompt(CONVERSATION[:-1], template, tokenizer), tokenizer)
+    # The final turn has reasoning, so V3.1 trains it in thinking mode: the prompt of that mode.
+    thinking = True if template == "deepseek_v31" else None
+    prompt = render_prompt(CONVERSATION[:-1], template, tokenizer, thinking)
+    prompt_ids, prompt_labels = encode_segments(prompt, tokenizer)
     final_only = render_conversation(CONVERSATION, template, tokenizer, "final_assistant")
     input_ids, labels = encode_segments(final_only, tokenizer)
     first_label = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
@@ -190,10 +193,10 @@ def test_resolve_template(tokenizer, monkeypatch):
 def test_tokenizer_template_that_drops_reasoning(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", R1_TEMPLATE)
     # R1's generation prompt opens a think block that the full render lacks: not prefix-consistent.
-    with pytest.raises(DsftError, match="not prefix-consistent.*set data.chat_template to deepseek_v3 or deepseek_r1"):
+    with pytest.raises(DsftError, match=r"not prefix-consistent.*set data.chat_template to a built-in template \(deepseek_v3, "):
         render_conversation(CONVERSATION, "tokenizer", tokenizer, "assistant")
     monkeypatch.setattr(tokenizer, "chat_template", R1_TEMPLATE.replace("<think>\n", ""))
-    with pytest.raises(DsftError, match="drops the reasoning of the final assistant turn; set .* to deepseek_r1$"):
+    with pytest.raises(DsftError, match=r"drops the reasoning of the final assistant turn; set .*deepseek_r1, .* or data.reasoning: drop$"):
         render_conversation(CONVERSATION, "tokenizer", tokenizer, "assistant")
 
 

@@ -299,3 +299,12 @@ def test_prompt_only_records_are_still_validated(data, fmt, message):
     with pytest.raises(DsftError) as info:
         to_example(_record(data), fmt, require_answer=False)
     assert str(info.value) == f"{SOURCE}: {message}"
+
+
+def test_a_record_may_set_its_own_thinking_mode():
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "r"}]
+    assert to_example(_record({"messages": chat, "thinking": True}), "messages").thinking is True
+    assert to_example(_record({"instruction": "q", "output": "a", "thinking": False}), "alpaca").thinking is False
+    assert to_example(_record({"messages": chat}), "messages").thinking is None
+    with pytest.raises(DsftError, match=f"{SOURCE}: field 'thinking': must be true or false, not 'yes'"):
+        to_example(_record({"messages": chat, "thinking": "yes"}), "messages")

@@ -1,0 +1,148 @@
+"""dsft's built-in DeepSeek templates against the models' own jinja templates (copies in tests/golden/chat_templates,
+sources in its SOURCES.md), rendered by transformers' apply_chat_template on many conversations: the text and the
+token ids of every prompt, and of every conversation the official template can render whole.
+
+What the official templates cannot render, dsft defines and the tests pin:
+- a final turn's reasoning (every template drops it: R1's and V3.1's split it off at </think>, V3's has no place
+  for it). In V3.1's thinking mode the target is what the model writes after the <think> prompt, reasoning
+  </think> answer, so prompt + target is the official prompt followed by that output.
+- R1's training target closes the think block its prompt opened (R1's template renders finished turns without it).
+"""
+
+from pathlib import Path
+
+import pytest
+
+from dsft.data.chat import check_thinking, recognise_template, render_conversation, render_prompt
+from dsft.data.encode import encode_segments
+from dsft.data.hf_templates import JINJA_TEMPLATES
+from dsft.data.formats import Message
+from dsft.data.tokenizer import EOS, THINK_CLOSE
+from dsft.errors import DsftError
+
+COPIES = Path(__file__).parents[1] / "golden" / "chat_templates"
+OFFICIAL = {
+    "deepseek-v3.jinja": "deepseek_v3",
+    "deepseek-r1.jinja": "deepseek_r1",
+    "deepseek-r1-distill-qwen-32b.jinja": "deepseek_r1",
+    "deepseek-v3-0324.jinja": "deepseek_r1_0528",
+    "deepseek-v3.1.jinja": "deepseek_v31",
+}
+SYSTEM = Message("system", "You are a careful clinician. 请用中文回答")
+ASK, ASK_AGAIN = Message("user", "What dose of amoxicillin?"), Message("user", "And for a child of 20 kg?\nBe brief.")
+ANSWER = Message("assistant", "500 mg every 8 hours.")
+REASONED = Message("assistant", "25 mg/kg/day, split.", reasoning="20 kg times 25 mg is 500 mg a day")
+CONVERSATIONS = {
+    "one turn": (ASK, ANSWER),
+    "system": (SYSTEM, ASK, ANSWER),
+    "multi-turn": (ASK, ANSWER, ASK_AGAIN, Message("assistant", "About 170 mg three times a day.")),
+    "system, multi-turn": (SYSTEM, ASK, ANSWER, ASK_AGAIN, ANSWER, ASK, ANSWER),
+    "reasoning in history": (SYSTEM, ASK, REASONED, ASK_AGAIN, ANSWER),
+    "reasoning in the final turn": (ASK, ANSWER, ASK_AGAIN, REASONED),
+    "empty answer": (ASK, Message("assistant", "")),
+}
+
+
+def chat_dicts(messages) -> list[dict]:
+    # As an OpenAI-style client sends them: reasoning in reasoning_content, which every template leaves out.
+    return [{"role": m.role, "content": m.content, **({"reasoning_content": m.reasoning} if m.reasoning else {})}
+            for m in messages]
+
+
+def official(tokenizer, copy: str, messages, generation: bool, thinking: bool | None = None) -> str:
+    variables = {} if thinking is None else {"thinking": thinking}
+    return tokenizer.apply_chat_template(chat_dicts(messages), chat_template=(COPIES / copy).read_text("utf-8"),
+                                         tokenize=False, add_generation_prompt=generation, **variables)
+
+
+def text_and_ids(segments, tokenizer) -> tuple[str, list[int]]:
+    return "".join(s.text for s in segments), encode_segments(segments, tokenizer)[0]
+
+
+def ids_of(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def thinking_modes(template: str) -> list[bool | None]:
+    return [False, True] if template == "deepseek_v31" else [None]
+
+
+def test_every_copy_is_recognised_as_its_builtin_template():
+    assert {copy: recognise_template((COPIES / copy).read_text("utf-8")) for copy in OFFICIAL} == OFFICIAL
+    assert recognise_template("{{ messages[0]['content'] }}") is None  # not DeepSeek's markers
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("copy", OFFICIAL)
+def test_prompts_equal_the_official_template(tokenizer, copy, name):
+    template, history = OFFICIAL[copy], CONVERSATIONS[name][:-1]
+    for thinking in thinking_modes(template):
+        text, ids = text_and_ids(render_prompt(history, template, tokenizer, thinking), tokenizer)
+        expected = official(tokenizer, copy, history, generation=True, thinking=thinking)
+        assert text == expected, thinking
+        assert ids == ids_of(expected, tokenizer)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CONVERSATIONS.items() if c[-1].reasoning is None])
+@pytest.mark.parametrize("copy", [c for c, t in OFFICIAL.items() if t != "deepseek_r1"])
+def test_whole_conversations_equal_the_official_template(tokenizer, copy, name):
+    template, messages = OFFICIAL[copy], CONVERSATIONS[name]
+    thinking = False if template == "deepseek_v31" else None
+    text, ids = text_and_ids(render_conversation(messages, template, tokenizer, "assistant", thinking), tokenizer)
+    expected = official(tokenizer, copy, messages, generation=False, thinking=thinking)
+    assert text == expected
+    assert ids == ids_of(expected, tokenizer)
+
+
+def test_v31_thinking_trains_the_reasoning_the_model_writes_after_its_prompt(tokenizer):
+    messages = CONVERSATIONS["reasoning in the final turn"]
+    segments = render_conversation(messages, "deepseek_v31", tokenizer, "final_assistant")  # auto: it reasons
+    prompt = official(tokenizer, "deepseek-v3.1.jinja", messages[:-1], generation=True, thinking=True)
+    output = f"{REASONED.reasoning}{THINK_CLOSE}{REASONED.content}{EOS}"
+    prompt_text = "".join(s.text for s in segments if not s.trainable)
+    assert (prompt_text, [s.text for s in segments if s.trainable]) == (prompt, [output])
+    assert encode_segments(segments, tokenizer)[0] == ids_of(prompt + output, tokenizer)
+    # Once answered, the official template shows that turn as V3.1 shows every past turn: </think> answer.
+    follow_up = (*messages, ASK)
+    assert "".join(s.text for s in render_prompt(follow_up, "deepseek_v31", tokenizer, True)) == \
+        official(tokenizer, "deepseek-v3.1.jinja", follow_up, generation=True, thinking=True)
+
+
+def test_r1_targets_close_the_think_block_the_prompt_opened(tokenizer):
+    for messages, reasoning in ((CONVERSATIONS["one turn"], ""), (CONVERSATIONS["reasoning in the final turn"],
+                                                                   REASONED.reasoning)):
+        segments = render_conversation(messages, "deepseek_r1", tokenizer, "final_assistant")
+        prompt = official(tokenizer, "deepseek-r1.jinja", messages[:-1], generation=True)
+        assert "".join(s.text for s in segments) == f"{prompt}{reasoning}\n{THINK_CLOSE}\n\n{messages[-1].content}{EOS}"
+
+
+def test_reasoning_in_non_thinking_mode_is_refused_unless_dropped(tokenizer):
+    messages = CONVERSATIONS["reasoning in the final turn"]
+    with pytest.raises(DsftError, match="trains only in thinking mode; set data.thinking: on or auto .*data.reasoning: drop"):
+        render_conversation(messages, "deepseek_v31", tokenizer, "assistant", thinking=False)
+    dropped = render_conversation(messages, "deepseek_v31", tokenizer, "assistant", thinking=False, reasoning="drop")
+    plain = (*messages[:-1], Message("assistant", REASONED.content))
+    assert "".join(s.text for s in dropped) == official(tokenizer, "deepseek-v3.1.jinja", plain, generation=False,
+                                                        thinking=False)
+
+
+@pytest.mark.parametrize("template, thinking, problem", [
+    ("deepseek_v3", True, "has no thinking mode"), ("deepseek_r1", False, "always thinks"),
+    ("deepseek_r1_0528", False, "always thinks"),
+])
+def test_thinking_a_template_cannot_give_is_refused_by_name(template, thinking, problem):
+    with pytest.raises(DsftError, match=f"data.thinking: {'on' if thinking else 'off'}, but {template} {problem}"):
+        check_thinking(template, thinking)
+    check_thinking("deepseek_v31", thinking)  # both modes
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("template", sorted(JINJA_TEMPLATES))
+def test_the_twin_a_run_saves_renders_its_prompts_as_dsft(tokenizer, template, name):
+    history = CONVERSATIONS[name][:-1]
+    for thinking in thinking_modes(template):
+        variables = {} if thinking is None else {"thinking": thinking}
+        twin = tokenizer.apply_chat_template(chat_dicts(history), chat_template=JINJA_TEMPLATES[template],
+                                             tokenize=False, add_generation_prompt=True, **variables)
+        assert twin == "".join(s.text for s in render_prompt(history, template, tokenizer, thinking))
+    assert recognise_template(JINJA_TEMPLATES[template]) == template  # auto maps a saved run back to it
