@@ -150,7 +150,8 @@ def _rendered(item: Item, target: EvalTarget) -> str | None:
     """The exact prompt text the model was given (None for a text record, which is only scored)."""
     if not item.messages:
         return None
-    return "".join(segment.text for segment in render_prompt(item.messages, target.template, target.tokenizer, target.thinking))
+    segments = render_prompt(item.messages, target.template, target.tokenizer, target.thinking)
+    return "".join(segment.text for segment in segments)
 
 
 def _add_classification(section: dict, answers: list[str], references: list[str | None], settings: EvalConfig) -> None:

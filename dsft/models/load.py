@@ -278,7 +278,10 @@ def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, h
             f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's {BASE_MODEL_DIR}/ "
             f"nor model.name_or_path of its config.yaml ({name!r}); no other base is loaded"
         )
-    return PeftModel.from_pretrained(base, run_dir)
+    from dsft.models.method import fused_expert_patterns
+
+    with fused_expert_patterns():  # PEFT re-adds its fused-expert rank pattern on load, and warns of it again
+        return PeftModel.from_pretrained(base, run_dir)
 
 
 def run_task(config: RunConfig) -> str:

@@ -163,10 +163,13 @@ def _check_adapter_run(run_dir: Path, name: str, base_identity: str | None, toke
 
 def _attach_adapter(model, run_dir: Path, adapter_name: str):
     """Load run_dir's adapter into model (a PeftModel after the first one), from safetensors."""
-    if hasattr(model, "peft_config"):
-        model.load_adapter(str(run_dir), adapter_name=adapter_name, is_trainable=False)
-        return model
     from peft import PeftModel
 
-    # A full model gains adapters here; its own name is served with the adapters disabled.
-    return PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=False)
+    from dsft.models.method import fused_expert_patterns
+
+    with fused_expert_patterns():  # PEFT's false warning about its own fused-expert patterns (models/method.py)
+        if hasattr(model, "peft_config"):
+            model.load_adapter(str(run_dir), adapter_name=adapter_name, is_trainable=False)
+            return model
+        # A full model gains adapters here; its own name is served with the adapters disabled.
+        return PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=False)

@@ -15,8 +15,8 @@ import pytest
 
 from dsft.data.chat import check_thinking, recognise_template, render_conversation, render_prompt
 from dsft.data.encode import encode_segments
-from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.data.formats import Message
+from dsft.data.hf_templates import JINJA_TEMPLATES
 from dsft.data.tokenizer import EOS, THINK_CLOSE
 from dsft.errors import DsftError
 
