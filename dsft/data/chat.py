@@ -124,6 +124,14 @@ def check_thinking(template: str, thinking: bool | None, key: str = "data.thinki
                         "use auto, or deepseek_v31 (hybrid thinking)")
 
 
+def shared_thinking(template: str, thinking: bool | None, answers: Sequence[Message]) -> bool | None:
+    """One thinking mode for several answers to one prompt (a preference pair share their prompt): thinking, or
+    under auto (None) thinking when any answer reasons and the template switches (deepseek_v31)."""
+    if thinking is None and template == "deepseek_v31" and any(a.reasoning is not None for a in answers):
+        return True
+    return thinking
+
+
 def render_conversation(messages: Sequence[Message], template: str, tokenizer, loss_on: str,
                         thinking: bool | None = None, reasoning: str = "keep") -> list[Segment]:
     """Render a conversation ending with the assistant turn to train on.

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dsft.data.chat import render_conversation
+from dsft.data.chat import render_conversation, shared_thinking
 from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
@@ -58,26 +58,34 @@ def pair_texts(pairs: Sequence[PreferencePair]) -> Iterator[str]:
                 yield message.reasoning
 
 
-def encode_answer(prompt: Sequence[Message], answer: Message, template: str, tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of prompt + answer rendered as the final assistant turn, as SFT renders it.
+def encode_answer(prompt: Sequence[Message], answer: Message, template: str, tokenizer, thinking: bool | None = None,
+                  reasoning: str = "keep") -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of prompt + answer rendered as the final assistant turn, as SFT renders it (in
+    thinking mode thinking, with reasoning kept or dropped: dsft.data.chat.render_conversation).
 
     The prompt ids equal those of `render_prompt(prompt)`: the training render is built from the same pieces.
     Raises DsftError when the template cannot render the conversation.
     """
-    segments = render_conversation([*prompt, answer], template, tokenizer, loss_on="final_assistant")
+    segments = render_conversation([*prompt, answer], template, tokenizer, "final_assistant", thinking, reasoning)
     input_ids, labels = encode_segments(segments, tokenizer)
     # Only the final answer carries a label, and it ends the sequence: everything before it is the prompt.
     answer_start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     return input_ids[:answer_start], input_ids[answer_start:]
 
 
-def encode_pair(pair: PreferencePair, template: str, tokenizer) -> EncodedPair:
-    """Token ids of a pair; raises DsftError naming the record when the template cannot render it."""
+def encode_pair(pair: PreferencePair, template: str, tokenizer, thinking: bool | None = None,
+                reasoning: str = "keep") -> EncodedPair:
+    """Token ids of a pair, both answers in one thinking mode (they share the prompt); raises DsftError naming the
+    record when the template cannot render it."""
+    thinking = shared_thinking(template, thinking, (pair.chosen, pair.rejected))
     try:
-        prompt_ids, chosen_ids = encode_answer(pair.prompt, pair.chosen, template, tokenizer)
-        _, rejected_ids = encode_answer(pair.prompt, pair.rejected, template, tokenizer)
+        prompt_ids, chosen_ids = encode_answer(pair.prompt, pair.chosen, template, tokenizer, thinking, reasoning)
+        rejected_prompt_ids, rejected_ids = encode_answer(pair.prompt, pair.rejected, template, tokenizer, thinking,
+                                                          reasoning)
     except DsftError as exc:
         raise DsftError(f"{pair.source}: {exc}") from None
+    if rejected_prompt_ids != prompt_ids:  # what TRL assumes: one prompt, two answers
+        raise DsftError(f"{pair.source}: the chosen and rejected answers render different prompts with {template}")
     return EncodedPair(prompt_ids, chosen_ids, rejected_ids)
 
 
@@ -126,8 +134,8 @@ def build_preference_datasets(data: DataConfig, template: str, tokenizer, seed: 
 
 
 def _encode_pairs(pairs: Sequence[PreferencePair], data: DataConfig, template: str, tokenizer, stats: DataStats) -> list[dict]:
-    fitted = (fit_pair(encode_pair(pair, template, tokenizer), data.max_length_tokens, data.truncation, stats)
-              for pair in pairs)
+    fitted = (fit_pair(encode_pair(pair, template, tokenizer, data.thinking_mode, data.reasoning),
+                       data.max_length_tokens, data.truncation, stats) for pair in pairs)
     return [pair.as_row() for pair in fitted if pair is not None]
 
 

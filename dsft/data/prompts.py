@@ -37,7 +37,8 @@ class RlPrompt:
 
 
 def load_rl_prompts(data: DataConfig, tokenizer, template: str, stats: DataStats) -> list[RlPrompt]:
-    """The prompts of data.train_files, rendered with template; prompts over data.max_length_tokens are left
+    """The prompts of data.train_files, rendered with template in data.thinking's mode (a record's own thinking
+    wins; auto: the template's default); prompts over data.max_length_tokens are left
     out and counted in stats.dropped_too_long.
 
     Raises DsftError for text records (they hold no prompt), for a config that asks for validation data
@@ -52,7 +53,8 @@ def load_rl_prompts(data: DataConfig, tokenizer, template: str, stats: DataStats
     prompts: list[RlPrompt] = []
     for example in examples:
         messages, reference = split_prompt_reference_optional(example)
-        segments = render_prompt(messages, template, tokenizer)
+        thinking = data.thinking_mode if example.thinking is None else example.thinking
+        segments = render_prompt(messages, template, tokenizer, thinking)
         ids, _ = encode_segments(segments, tokenizer)
         if len(ids) > data.max_length_tokens:
             stats.dropped_too_long += 1

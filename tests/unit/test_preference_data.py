@@ -38,6 +38,20 @@ def test_prompt_encodes_as_generation_and_answers_as_sft(tokenizer, template):
     assert full_sequences(encoded.as_row())["chosen_ids"] == encoded.prompt_ids + encoded.chosen_ids
 
 
+def test_a_v31_pair_shares_one_prompt_in_the_mode_of_its_reasoning_answer(tokenizer):
+    # auto: the chosen answer reasons, so both answers train after V3.1's thinking prompt; the rejected one closes
+    # an empty think block, as the model would write it.
+    pair = PreferencePair("p.jsonl:1", PROMPT, Message("assistant", "76", "add 2"), Message("assistant", "the answer"))
+    encoded = encode_pair(pair, "deepseek_v31", tokenizer)
+    assert encoded.prompt_ids == prompt_ids(PROMPT, "deepseek_v31", tokenizer, thinking=True)
+    assert tokenizer.decode(encoded.rejected_ids) == "</think>the answer<｜end▁of▁sentence｜>"
+    assert tokenizer.decode(encoded.chosen_ids) == "add 2</think>76<｜end▁of▁sentence｜>"
+    with pytest.raises(DsftError, match="p.jsonl:1: the final assistant turn has reasoning"):
+        encode_pair(pair, "deepseek_v31", tokenizer, thinking=False)
+    dropped = encode_pair(pair, "deepseek_v31", tokenizer, thinking=False, reasoning="drop")
+    assert dropped.prompt_ids == prompt_ids(PROMPT, "deepseek_v31", tokenizer, thinking=False)
+
+
 def test_fit_pair_truncates_drops_and_counts():
     pair = EncodedPair([1, 2, 3], [4, 5, 6, 7], [4, 5, 8])
     stats = DataStats()
