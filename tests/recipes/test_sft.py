@@ -217,8 +217,8 @@ def test_local_model_directory_trains_like_a_hub_model(tmp_path, tiny_data, lora
     adapter = json.loads((result.run_dir / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(local)
     assert not (result.run_dir / "base_model").exists()
-    # The tokenizer came with the model, so its saved template (the deepseek_v3 twin) is used as is.
-    assert load_config(result.run_dir / "config.yaml").data.chat_template == "tokenizer"
+    # The tokenizer came with the model: auto recognises its saved template (the deepseek_v3 twin) as deepseek_v3.
+    assert load_config(result.run_dir / "config.yaml").data.chat_template == "deepseek_v3"
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path, tiny_data):
