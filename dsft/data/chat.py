@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from dsft.data.deepseek_layouts import LAYOUTS, OUTPUT_END, Layout, calls_text, tool_system_prompt
 from dsft.data.formats import Message
 from dsft.data.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
+from dsft.data.tools import Tool, tools_as_openai
 from dsft.errors import DsftError
 
 TEMPLATES = ("deepseek_v3", "deepseek_r1", "deepseek_r1_0528", "deepseek_v31", "tokenizer")
@@ -37,23 +39,7 @@ LOSS_ON = ("assistant", "final_assistant", "all")
 REASONING = ("keep", "drop")
 
 
-class _Layout(NamedTuple):
-    """The text around each turn of a built-in template."""
-
-    after_user: str
-    """Closes a user turn (R1-0528 opens the assistant's turn there)."""
-    before_answer: str
-    """Opens an assistant turn of the history."""
-    prompts: dict[bool, str]
-    """The generation prompt, by thinking."""
-
-
-_LAYOUTS = {
-    "deepseek_v3": _Layout("", ASSISTANT, {False: ASSISTANT}),
-    "deepseek_r1": _Layout("", ASSISTANT, {True: f"{ASSISTANT}{THINK_OPEN}\n"}),
-    "deepseek_r1_0528": _Layout(ASSISTANT, "", {True: ""}),
-    "deepseek_v31": _Layout("", ASSISTANT + THINK_CLOSE, {False: ASSISTANT + THINK_CLOSE, True: ASSISTANT + THINK_OPEN}),
-}
+_LAYOUTS = LAYOUTS
 _SPLITS_REASONING = re.compile(r"""\.split\(\s*['"]</think>['"]""")
 """DeepSeek-R1's template removes reasoning with content.split('</think>')."""
 _USER_OPENS_ANSWER = re.compile(r"""'<｜User｜>'\s*\+\s*message\[['"]content['"]\]\s*\+\s*'<｜Assistant｜>'""")
@@ -133,14 +119,16 @@ def shared_thinking(template: str, thinking: bool | None, answers: Sequence[Mess
 
 
 def render_conversation(messages: Sequence[Message], template: str, tokenizer, loss_on: str,
-                        thinking: bool | None = None, reasoning: str = "keep") -> list[Segment]:
+                        thinking: bool | None = None, reasoning: str = "keep",
+                        tools: Sequence[Tool] = ()) -> list[Segment]:
     """Render a conversation ending with the assistant turn to train on.
 
     loss_on: "assistant" trains every assistant answer (with its end-of-turn text), "final_assistant"
     only the last one, "all" every token. Reasoning of earlier assistant turns is left out (as the
     DeepSeek templates do); the final turn's reasoning is part of its target, unless reasoning is
     "drop". thinking (see the module docstring): None thinks when the final turn has reasoning.
-    Empty segments are omitted. Raises DsftError when the conversation does not end with an
+    tools: the declared tools (the built-ins describe them in the system prompt); tool results never
+    carry loss, an assistant turn's calls do. Empty segments are omitted. Raises DsftError when the conversation does not end with an
     assistant turn, its reasoning would train in non-thinking mode, or the tokenizer's template
     cannot be split into turns; ValueError for an unknown template, loss_on or reasoning.
     """
@@ -151,19 +139,23 @@ def render_conversation(messages: Sequence[Message], template: str, tokenizer, l
     if not messages or messages[-1].role != "assistant":
         raise DsftError("a conversation to train on must end with an assistant message")
     final = len(messages) - 1
-    answer = messages[-1] if reasoning == "keep" else Message("assistant", messages[-1].content)
-    thinking = _final_thinking(template, thinking, answer)
+    last = messages[-1]
+    answer = last if reasoning == "keep" else Message("assistant", last.content, None, last.tool_calls)
+    thinking = _final_thinking(template, thinking, answer, messages)
     # The final turn's prompt is rendered by the function render_prompt uses: train/generation identity.
-    pieces = _prompt_pieces(messages[:-1], template, tokenizer, thinking)
+    pieces = _prompt_pieces(messages[:-1], template, tokenizer, thinking, tools)
     if template == "tokenizer":
         prompt = "".join(piece.text for piece in pieces)
-        pieces.append(_Piece(_template_final_target(messages[:-1], answer, prompt, tokenizer, thinking), final))
+        target = _template_final_target(messages[:-1], answer, prompt, tokenizer, _variables(thinking, tools))
     else:
-        pieces.append(_Piece(_builtin_final_target(answer, template, tokenizer, thinking), final))
+        after_tool = len(messages) > 1 and messages[-2].role == "tool"
+        target = _builtin_final_target(answer, template, tokenizer, thinking, after_tool)
+    pieces.append(_Piece(target, final))
     return [Segment(piece.text, _is_trainable(piece, loss_on, final)) for piece in pieces if piece.text]
 
 
-def render_prompt(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None) -> list[Segment]:
+def render_prompt(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None,
+                  tools: Sequence[Tool] = ()) -> list[Segment]:
     """Render a conversation history (normally ending with a user turn) plus the generation prompt.
 
     All segments are non-trainable; their concatenation is the text a model continues. thinking
@@ -172,18 +164,23 @@ def render_prompt(messages: Sequence[Message], template: str, tokenizer, thinkin
     check_thinking(template, thinking)
     if thinking is None and template in _LAYOUTS:
         thinking = next(iter(_LAYOUTS[template].prompts))
-    pieces = _prompt_pieces(messages, template, tokenizer, thinking)
+    pieces = _prompt_pieces(messages, template, tokenizer, thinking, tools)
     return [Segment(piece.text, False) for piece in pieces if piece.text]
 
 
-def _final_thinking(template: str, thinking: bool | None, answer: Message) -> bool | None:
-    """Whether the final turn trains in thinking mode; raises DsftError for reasoning without it."""
+def _final_thinking(template: str, thinking: bool | None, answer: Message, messages: Sequence[Message]) -> bool | None:
+    """Whether the final turn trains in thinking mode; raises DsftError for reasoning without it, and for tool use
+    in V3.1's thinking mode (V3.1 calls tools in non-thinking mode only)."""
     check_thinking(template, thinking)
     if template == "tokenizer":
         return thinking
     prompts = _LAYOUTS[template].prompts
+    uses_tools = any(m.tool_calls for m in messages)
+    if len(prompts) == 2 and uses_tools and thinking:
+        raise DsftError(f"{template} calls tools in non-thinking mode only; set data.thinking: auto or off "
+                        "(or the record's thinking: false)")
     if thinking is None:
-        thinking = answer.reasoning is not None if len(prompts) == 2 else next(iter(prompts))
+        thinking = (answer.reasoning is not None and not uses_tools) if len(prompts) == 2 else next(iter(prompts))
     if len(prompts) == 2 and not thinking and answer.reasoning is not None:
         raise DsftError(f"the final assistant turn has reasoning, which {template} trains only in thinking mode; "
                         "set data.thinking: on or auto (or the record's thinking: true), or data.reasoning: drop")
@@ -207,46 +204,60 @@ def _is_trainable(piece: _Piece, loss_on: str, final: int) -> bool:
     return piece.answer_of == final
 
 
-def _prompt_pieces(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None) -> list[_Piece]:
+def _prompt_pieces(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None,
+                   tools: Sequence[Tool]) -> list[_Piece]:
     if template == "tokenizer":
-        return _template_prompt_pieces(messages, tokenizer, thinking)
+        return _template_prompt_pieces(messages, tokenizer, _variables(thinking, tools))
     if template in _LAYOUTS:
-        return _builtin_prompt_pieces(messages, _LAYOUTS[template], tokenizer, thinking)
+        return _builtin_prompt_pieces(messages, template, tokenizer, thinking, tools)
     raise ValueError(f"unknown chat template {template!r}; allowed: {', '.join(TEMPLATES)}")
 
 
-def _builtin_prompt_pieces(messages: Sequence[Message], layout: _Layout, tokenizer, thinking: bool | None) -> list[_Piece]:
+def _builtin_prompt_pieces(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None,
+                           tools: Sequence[Tool]) -> list[_Piece]:
+    layout: Layout = _LAYOUTS[template]
     eos = _eos(tokenizer)
     has_system = bool(messages) and messages[0].role == "system"
-    pieces = [_Piece(_bos(tokenizer) + (messages[0].content if has_system else ""), None)]
+    system = tool_system_prompt(messages[0].content if has_system else "", tools, template)
+    pieces, results = [_Piece(_bos(tokenizer) + system, None)], 0
     for i in range(1 if has_system else 0, len(messages)):
         message = messages[i]
         if message.role == "user":
             pieces.append(_Piece(USER + message.content + layout.after_user, None))
+        elif message.role == "tool":
+            opener = layout.tools.next_output if results else layout.tools.first_output
+            pieces.append(_Piece(opener + message.content + OUTPUT_END, None))  # results never carry loss
+            results += 1
         elif message.role == "assistant":
-            # Only the answer of an earlier turn: DeepSeek models never see past reasoning.
-            pieces += [_Piece(layout.before_answer, None), _Piece(message.content + eos, i)]
+            # Only the answer of an earlier turn (and its calls): DeepSeek models never see past reasoning.
+            opener = layout.tools.outputs_end if results else layout.before_answer
+            answer = message.content + calls_text(message.tool_calls, layout.tools) + eos
+            pieces += [_Piece(opener, None), _Piece(answer, i)]
+            results = 0
         else:
             raise DsftError(f"message {i}: a {message.role} message is only allowed first")
-    pieces.append(_Piece(layout.prompts[thinking], None))
+    pieces.append(_Piece(layout.tools.outputs_end if results else layout.prompts[thinking], None))
     return pieces
 
 
-def _builtin_final_target(message: Message, template: str, tokenizer, thinking: bool) -> str:
+def _builtin_final_target(message: Message, template: str, tokenizer, thinking: bool, after_tool: bool) -> str:
+    """The final turn's text after its prompt. After tool results no think block is open (the templates answer
+    right after them), so reasoning there is written inline, as V3 writes it."""
     eos = _eos(tokenizer)
     reasoning = message.reasoning
-    if template == "deepseek_r1":
+    body = message.content + calls_text(message.tool_calls, _LAYOUTS[template].tools)
+    if template == "deepseek_r1" and not after_tool:
         # The generation prompt already opened the think block; no reasoning gives an empty one.
-        return f"{'' if reasoning is None else reasoning}\n{THINK_CLOSE}\n\n{message.content}{eos}"
+        return f"{'' if reasoning is None else reasoning}\n{THINK_CLOSE}\n\n{body}{eos}"
     if template == "deepseek_v31":
         # V3.1's thinking output: <think> (the prompt) reasoning </think> answer, no newlines between.
-        return f"{reasoning or ''}{THINK_CLOSE}{message.content}{eos}" if thinking else message.content + eos
+        return f"{reasoning or ''}{THINK_CLOSE}{body}{eos}" if thinking else body + eos
     if reasoning is None:
-        return message.content + eos
-    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{message.content}{eos}"
+        return body + eos
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{body}{eos}"
 
 
-def _template_prompt_pieces(messages: Sequence[Message], tokenizer, thinking: bool | None) -> list[_Piece]:
+def _template_prompt_pieces(messages: Sequence[Message], tokenizer, variables: dict) -> list[_Piece]:
     """Prompt and answer pieces of every assistant turn, by the prefix difference of renders.
 
     Turn i's prompt is render(messages[:i], generation prompt) minus what was rendered before it,
@@ -257,23 +268,23 @@ def _template_prompt_pieces(messages: Sequence[Message], tokenizer, thinking: bo
     for i, message in enumerate(messages):
         if message.role != "assistant":
             continue
-        prompt = _apply_template(tokenizer, chat[:i], True, thinking)
-        full = _apply_template(tokenizer, chat[: i + 1], False, thinking)
+        prompt = _apply_template(tokenizer, chat[:i], True, variables)
+        full = _apply_template(tokenizer, chat[: i + 1], False, variables)
         pieces += [_Piece(_after_prefix(rendered, prompt), None), _Piece(_after_prefix(prompt, full), i)]
         rendered = full
-    generation_prompt = _apply_template(tokenizer, chat, True, thinking)
+    generation_prompt = _apply_template(tokenizer, chat, True, variables)
     pieces.append(_Piece(_after_prefix(rendered, generation_prompt), None))
     return pieces
 
 
 def _template_final_target(history: Sequence[Message], final: Message, prompt: str, tokenizer,
-                           thinking: bool | None) -> str:
+                           variables: dict) -> str:
     """The final turn's target: its full render minus prompt, the render of the history with the generation prompt."""
     content = final.content
     if final.reasoning is not None:
         content = f"{THINK_OPEN}\n{final.reasoning}\n{THINK_CLOSE}\n\n{final.content}"
-    chat = [*_chat_dicts(history), {"role": "assistant", "content": content}]
-    target = _after_prefix(prompt, _apply_template(tokenizer, chat, False, thinking))
+    chat = [*_chat_dicts(history), *_chat_dicts([Message("assistant", content, None, final.tool_calls)])]
+    target = _after_prefix(prompt, _apply_template(tokenizer, chat, False, variables))
     if final.reasoning is not None and final.reasoning not in target:
         raise DsftError(
             "the tokenizer's chat template drops the reasoning of the final assistant turn; set "
@@ -283,14 +294,27 @@ def _template_final_target(history: Sequence[Message], final: Message, prompt: s
 
 
 def _chat_dicts(messages: Sequence[Message]) -> list[dict]:
-    # Only answers: earlier turns' reasoning stays out of the history, as in the built-in templates.
-    return [{"role": message.role, "content": message.content} for message in messages]
+    """OpenAI-style messages (tool calls included). Only answers: earlier turns' reasoning stays out of the
+    history, as in the built-in templates."""
+    chat = []
+    for message in messages:
+        entry = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            entry["tool_calls"] = [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                                   for call in message.tool_calls]
+        chat.append(entry)
+    return chat
 
 
-def _apply_template(tokenizer, chat: list[dict], add_generation_prompt: bool, thinking: bool | None) -> str:
+def _variables(thinking: bool | None, tools: Sequence[Tool]) -> dict:
+    """What apply_chat_template gets besides the messages: the variable thinking (V3.1's template reads it) and
+    the declared tools in OpenAI's shape."""
+    return {**({} if thinking is None else {"thinking": thinking}), **({"tools": tools_as_openai(tools)} if tools else {})}
+
+
+def _apply_template(tokenizer, chat: list[dict], add_generation_prompt: bool, variables: dict) -> str:
     from jinja2 import TemplateError
 
-    variables = {} if thinking is None else {"thinking": thinking}  # the template variable V3.1's template reads
     try:
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **variables)

@@ -245,7 +245,8 @@ def _render(example: Example, template: str, tokenizer, data: DataConfig) -> lis
     try:
         if example.text is not None:
             return render_text(example.text, tokenizer)
-        return render_conversation(example.messages, template, tokenizer, data.loss_on, thinking, data.reasoning)
+        return render_conversation(example.messages, template, tokenizer, data.loss_on, thinking, data.reasoning,
+                                   example.tools)
     except DsftError as exc:
         raise DsftError(f"{example.source}: {exc}") from None
 

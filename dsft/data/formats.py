@@ -13,10 +13,11 @@ from typing import Literal
 
 from dsft.data.read import RawRecord, json_type
 from dsft.data.tokenizer import THINK_CLOSE, THINK_OPEN
+from dsft.data.tools import Tool, ToolCall, openai_calls, read_tools, sharegpt_calls
 from dsft.errors import DsftError
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 FORMATS = ("alpaca", "messages", "sharegpt", "text")
 
 # The key that identifies each format, checked in this order, and the keys it reads.
@@ -38,6 +39,8 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "function_call": "assistant",  # LLaMA-Factory: the assistant's tool calls, as JSON
+    "observation": "tool",  # LLaMA-Factory: a tool's result
 }
 _INLINE_REASONING = re.compile(rf"\s*{re.escape(THINK_OPEN)}(.*?){re.escape(THINK_CLOSE)}", re.DOTALL)
 
@@ -51,6 +54,8 @@ class Message:
     """The visible text; for an assistant turn, the answer without its reasoning."""
     reasoning: str | None = None
     """Chain of thought of an assistant turn (stripped of surrounding whitespace), if any."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The tools an assistant turn calls (after its content); a tool message's content is one call's result."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class Example:
     """Format text (continued pre-training): the document."""
     thinking: bool | None = None
     """The record's own thinking mode (its thinking field), overriding data.thinking; None: not given."""
+    tools: tuple[Tool, ...] = ()
+    """The tools the conversation may call (its tools field)."""
 
 
 def detect_format(record: RawRecord) -> str:
@@ -97,13 +104,16 @@ def to_example(
     parsers = {"alpaca": _alpaca_messages, "messages": _messages_messages, "sharegpt": _sharegpt_messages}
     if fmt not in parsers:
         raise ValueError(f"unknown data format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    messages = parsers[fmt](record, require_answer)
+    tools = read_tools(record)
+    if tools and fmt == "alpaca":
+        raise _field_error(record, "tools", "alpaca records cannot call tools; use the messages or sharegpt format")
+    messages = parsers[fmt](record, require_answer) if fmt == "alpaca" else parsers[fmt](record, require_answer, tools)
     if system_prompt is not None and messages[0].role != "system":
         messages = [Message("system", system_prompt), *messages]
     thinking = record.data.get("thinking")
     if thinking is not None and not isinstance(thinking, bool):
         raise _field_error(record, "thinking", f"must be true or false, not {thinking!r}")
-    return Example(record.source, messages=tuple(messages), thinking=thinking)
+    return Example(record.source, messages=tuple(messages), thinking=thinking, tools=tools)
 
 
 def _alpaca_messages(record: RawRecord, require_answer: bool) -> list[Message]:
@@ -137,7 +147,7 @@ def _alpaca_history(record: RawRecord) -> list[Message]:
     return messages
 
 
-def _messages_messages(record: RawRecord, require_answer: bool) -> list[Message]:
+def _messages_messages(record: RawRecord, require_answer: bool, tools: tuple[Tool, ...]) -> list[Message]:
     turns = _conversation_list(record, "messages", require_answer)
     messages = []
     for i, turn in enumerate(turns):
@@ -145,12 +155,17 @@ def _messages_messages(record: RawRecord, require_answer: bool) -> list[Message]
         role = _required_str(record, turn, "role", path)
         if role not in ROLES:
             raise _field_error(record, f"{path}.role", f"unknown role (not one of {', '.join(ROLES)})")
-        content = _required_str(record, turn, "content", path)
+        has_calls = role == "assistant" and turn.get("tool_calls") not in (None, [])
+        # An assistant turn that only calls tools may have null or no content, as OpenAI's API sends it.
+        content = _optional_str(record, turn, "content", path) if has_calls else _required_str(record, turn, "content", path)
         reasoning = _message_reasoning(record, turn, path)
         if role == "assistant":
-            messages.append(_assistant(record, f"{path}.content", content, reasoning))
+            calls = openai_calls(record, f"{path}.tool_calls", turn["tool_calls"], tools) if has_calls else ()
+            messages.append(_assistant(record, f"{path}.content", content or "", reasoning, calls))
         elif reasoning is not None:
             raise _field_error(record, f"{path}.reasoning", f"only assistant messages have reasoning, not {role}")
+        elif turn.get("tool_calls") not in (None, []):
+            raise _field_error(record, f"{path}.tool_calls", f"only assistant messages call tools, not {role}")
         else:
             messages.append(Message(role, content))
     _check_conversation(record, "messages", messages, require_answer)
@@ -166,7 +181,7 @@ def _message_reasoning(record: RawRecord, turn: dict, path: str) -> str | None:
     return alias if reasoning is None else reasoning
 
 
-def _sharegpt_messages(record: RawRecord, require_answer: bool) -> list[Message]:
+def _sharegpt_messages(record: RawRecord, require_answer: bool, tools: tuple[Tool, ...]) -> list[Message]:
     turns = _conversation_list(record, "conversations", require_answer)
     messages = []
     for i, turn in enumerate(turns):
@@ -177,7 +192,9 @@ def _sharegpt_messages(record: RawRecord, require_answer: bool) -> list[Message]
             raise _field_error(record, f"{path}.from", f"unknown role (not one of {allowed})")
         role = _SHAREGPT_ROLES[speaker]
         value = _required_str(record, turn, "value", path)
-        if role == "assistant":
+        if speaker == "function_call":
+            messages.append(Message("assistant", "", None, sharegpt_calls(record, f"{path}.value", value, tools)))
+        elif role == "assistant":
             messages.append(_assistant(record, f"{path}.value", value, reasoning=None))
         else:
             messages.append(Message(role, value))
@@ -206,13 +223,22 @@ def _conversation_list(record: RawRecord, key: str, require_answer: bool) -> lis
 
 
 def _check_conversation(record: RawRecord, key: str, messages: list[Message], require_answer: bool) -> None:
-    """Check the order of roles: system only first, at least one assistant turn, an assistant turn last.
+    """Check the order of roles: system only first, tool results only after the calls they answer and before an
+    assistant turn, at least one assistant turn, an assistant turn last.
 
-    Without require_answer, a conversation may instead end with the user turn to answer.
+    Without require_answer, a conversation may instead end with the user turn to answer (or tool results).
     """
     for i, message in enumerate(messages[1:], start=1):
         if message.role == "system":
             raise _field_error(record, f"{key}[{i}].role", "a system message is only allowed first")
+    for i, message in enumerate(messages):
+        before, after = messages[i - 1] if i else None, messages[i + 1] if i + 1 < len(messages) else None
+        if message.role == "tool" and not (before is not None and (before.tool_calls or before.role == "tool")):
+            raise _field_error(record, f"{key}[{i}].role", "a tool result must follow the assistant turn that calls it")
+        if message.role == "tool" and after is not None and after.role not in ("tool", "assistant"):
+            raise _field_error(record, f"{key}[{i + 1}].role", f"tool results are answered by the assistant, not {after.role}")
+        if message.tool_calls and after is not None and after.role != "tool":
+            raise _field_error(record, f"{key}[{i + 1}].role", f"a turn's tool calls are followed by their results, not {after.role}")
     if not require_answer:
         if messages[-1].role == "system":
             problem = "the conversation must end with a user prompt or an assistant answer, got system"
@@ -228,17 +254,18 @@ def _check_conversation(record: RawRecord, key: str, messages: list[Message], re
         )
 
 
-def _assistant(record: RawRecord, path: str, content: str, reasoning: str | None) -> Message:
+def _assistant(record: RawRecord, path: str, content: str, reasoning: str | None,
+               calls: tuple[ToolCall, ...] = ()) -> Message:
     """An assistant Message, with reasoning given inline as a leading <think>...</think> moved out of the content."""
     match = _INLINE_REASONING.match(content)
     if match is None:
         if content.lstrip().startswith(THINK_OPEN):
             raise _field_error(record, path, f"starts with {THINK_OPEN} but has no {THINK_CLOSE}")
-        return Message("assistant", content, None if reasoning is None else reasoning.strip())
+        return Message("assistant", content, None if reasoning is None else reasoning.strip(), calls)
     if reasoning is not None:
         problem = f"reasoning given twice: in a reasoning field and inline as {THINK_OPEN}...{THINK_CLOSE}; keep one"
         raise _field_error(record, path, problem)
-    return Message("assistant", content[match.end() :].lstrip(), match.group(1).strip())
+    return Message("assistant", content[match.end() :].lstrip(), match.group(1).strip(), calls)
 
 
 def _required_str(record: RawRecord, data: dict, key: str, parent: str = "", non_empty: bool = False) -> str:

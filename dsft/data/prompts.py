@@ -54,7 +54,7 @@ def load_rl_prompts(data: DataConfig, tokenizer, template: str, stats: DataStats
     for example in examples:
         messages, reference = split_prompt_reference_optional(example)
         thinking = data.thinking_mode if example.thinking is None else example.thinking
-        segments = render_prompt(messages, template, tokenizer, thinking)
+        segments = render_prompt(messages, template, tokenizer, thinking, example.tools)
         ids, _ = encode_segments(segments, tokenizer)
         if len(ids) > data.max_length_tokens:
             stats.dropped_too_long += 1

@@ -116,7 +116,7 @@ def _default_out_dir(target_path: str) -> Path:
 def _evaluate_model(target: EvalTarget, items: list[Item], settings: EvalConfig) -> tuple[dict, list[str | None]]:
     chat = [item for item in items if item.messages]
     settings_decode = DecodeSettings(max_new_tokens=settings.max_new_tokens)
-    prompts = [prompt_ids(item.messages, target.template, target.tokenizer, target.thinking) for item in chat]
+    prompts = [prompt_ids(item.messages, target.template, target.tokenizer, target.thinking, item.example.tools) for item in chat]
     replies = generate_batch(target.model, target.tokenizer, prompts, settings_decode, settings.batch_size) if chat else []
     answers = {item.index: split_reasoning(reply)[1] for item, reply in zip(chat, replies)}
     predictions = [answers.get(item.index) for item in items]
@@ -150,7 +150,7 @@ def _rendered(item: Item, target: EvalTarget) -> str | None:
     """The exact prompt text the model was given (None for a text record, which is only scored)."""
     if not item.messages:
         return None
-    segments = render_prompt(item.messages, target.template, target.tokenizer, target.thinking)
+    segments = render_prompt(item.messages, target.template, target.tokenizer, target.thinking, item.example.tools)
     return "".join(segment.text for segment in segments)
 
 
@@ -194,7 +194,7 @@ def _perplexity_row(item: Item, target: EvalTarget) -> dict | None:
         segments = render_text(item.example.text, target.tokenizer)
     elif item.reference is not None:
         segments = render_conversation(item.example.messages, target.template, target.tokenizer, "final_assistant",
-                                       target.thinking)
+                                       target.thinking, tools=item.example.tools)
     else:
         return None
     input_ids, labels = encode_segments(segments, target.tokenizer)

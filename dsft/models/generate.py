@@ -34,9 +34,10 @@ class DecodeSettings:
         return kwargs
 
 
-def prompt_ids(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None) -> list[int]:
-    """Token ids of the prompt for the next assistant turn, exactly as training rendered it."""
-    ids, _ = encode_segments(render_prompt(messages, template, tokenizer, thinking), tokenizer)
+def prompt_ids(messages: Sequence[Message], template: str, tokenizer, thinking: bool | None = None,
+               tools: Sequence = ()) -> list[int]:
+    """Token ids of the prompt for the next assistant turn (with the declared tools), exactly as training rendered it."""
+    ids, _ = encode_segments(render_prompt(messages, template, tokenizer, thinking, tools), tokenizer)
     return ids
 
 

@@ -16,7 +16,9 @@ import pytest
 from dsft.data.chat import check_thinking, recognise_template, render_conversation, render_prompt
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Message
+from dsft.data.deepseek_layouts import tool_system_prompt
 from dsft.data.hf_templates import JINJA_TEMPLATES
+from dsft.data.tools import Tool, ToolCall
 from dsft.data.tokenizer import EOS, THINK_CLOSE
 from dsft.errors import DsftError
 
@@ -146,3 +148,88 @@ def test_the_twin_a_run_saves_renders_its_prompts_as_dsft(tokenizer, template, n
                                              tokenize=False, add_generation_prompt=True, **variables)
         assert twin == "".join(s.text for s in render_prompt(history, template, tokenizer, thinking))
     assert recognise_template(JINJA_TEMPLATES[template]) == template  # auto maps a saved run back to it
+
+
+WEATHER = Tool("get_weather", {"name": "get_weather", "description": "Weather of a city today.",
+                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}})
+CLOCK = Tool("local_time", {"name": "local_time", "parameters": {"type": "object", "properties": {}}})
+PARIS, LYON = ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("local_time", "{}")
+TOOL_CONVERSATIONS = {
+    "one call": (SYSTEM, Message("user", "Weather in Paris?"), Message("assistant", "", None, (PARIS,)),
+                 Message("tool", "18 C, sunny"), Message("assistant", "18 C and sunny.")),
+    "two calls, two results": (Message("user", "Weather and time?"), Message("assistant", "", None, (PARIS, LYON)),
+                               Message("tool", "18 C"), Message("tool", "14:05"),
+                               Message("assistant", "18 C at 14:05."), Message("user", "Thanks"), ANSWER),
+    "text with the call": (Message("user", "Weather in Paris?"), Message("assistant", "Checking.", None, (PARIS,)),
+                           Message("tool", "18 C"), Message("assistant", "18 C.")),
+    "the call is the target": (SYSTEM, Message("user", "Weather in Paris?"), Message("assistant", "", None, (PARIS,))),
+}
+# What each public template renders like dsft, and what not (deepseek_layouts' docstring says why):
+TOOL_PARITY = {
+    "deepseek-r1.jinja": {"one call", "text with the call", "the call is the target"},  # it joins results without \n
+    # R1-Distill's renders a call-only turn also as an empty answer: it tests content against none, and transformers
+    # drops a null content, so it sees "" (the V3 template has the same test, and V3's other faults besides).
+    "deepseek-v3-0324.jinja": set(TOOL_CONVERSATIONS),
+    "deepseek-v3.1.jinja": set(TOOL_CONVERSATIONS),
+}
+
+
+def official_with_tools(tokenizer, copy: str, messages, template: str, generation: bool, thinking=None) -> str:
+    # The DeepSeek templates ignore a tools argument: the tools reach them in the system prompt dsft writes.
+    system = messages[0].content if messages[0].role == "system" else ""
+    body = messages[1:] if messages[0].role == "system" else messages
+    chat = [{"role": "system", "content": tool_system_prompt(system, (WEATHER, CLOCK), template)}]
+    for m in body:
+        entry = {"role": m.role, "content": m.content}
+        if m.tool_calls:  # a call-only turn has content "": transformers drops a null content, which they index
+            entry = {"role": "assistant", "content": m.content, "tool_calls": [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]}
+        chat.append(entry)
+    variables = {} if thinking is None else {"thinking": thinking}
+    return tokenizer.apply_chat_template(chat, chat_template=(COPIES / copy).read_text("utf-8"), tokenize=False,
+                                         add_generation_prompt=generation, **variables)
+
+
+@pytest.mark.parametrize("copy, name", [(c, n) for c, names in TOOL_PARITY.items() for n in sorted(names)])
+def test_tool_conversations_equal_the_official_template(tokenizer, copy, name):
+    template, messages, tools = OFFICIAL[copy], TOOL_CONVERSATIONS[name], (WEATHER, CLOCK)
+    thinking = False if template == "deepseek_v31" else None
+    for end in range(1, len(messages) + 1):  # every prompt along the conversation
+        if messages[end - 1].role in ("user", "tool") and (end == len(messages) or messages[end].role == "assistant"):
+            text, ids = text_and_ids(render_prompt(messages[:end], template, tokenizer, thinking, tools), tokenizer)
+            expected = official_with_tools(tokenizer, copy, messages[:end], template, True, thinking)
+            assert text == expected, end
+            assert ids == ids_of(expected, tokenizer)
+    if template != "deepseek_r1":  # R1's prompt opens a think block its finished turns do not show
+        whole = render_conversation(messages, template, tokenizer, "assistant", thinking, tools=tools)
+        assert "".join(s.text for s in whole) == official_with_tools(tokenizer, copy, messages, template, False, thinking)
+
+
+def test_loss_falls_on_calls_and_answers_never_on_tool_results(tokenizer):
+    messages = TOOL_CONVERSATIONS["two calls, two results"]
+    segments = render_conversation(messages, "deepseek_v31", tokenizer, "assistant", tools=(WEATHER, CLOCK))
+    trained = [s.text for s in segments if s.trainable]
+    assert trained == [
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜>'
+        "<｜tool▁call▁begin｜>local_time<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>",
+        "18 C at 14:05.<｜end▁of▁sentence｜>", "500 mg every 8 hours.<｜end▁of▁sentence｜>"]
+    assert not any("18 C<" in s.text or "14:05<" in s.text for s in segments if s.trainable)
+
+
+def test_v31_calls_tools_in_non_thinking_mode_only(tokenizer):
+    messages = TOOL_CONVERSATIONS["the call is the target"]
+    with pytest.raises(DsftError, match="deepseek_v31 calls tools in non-thinking mode only"):
+        render_conversation(messages, "deepseek_v31", tokenizer, "assistant", thinking=True, tools=(WEATHER,))
+    auto = render_conversation(messages, "deepseek_v31", tokenizer, "assistant", tools=(WEATHER,))
+    assert [s.text for s in auto if not s.trainable][-1].endswith("<｜Assistant｜></think>")
+
+
+def test_v3s_original_template_loses_the_calls(tokenizer):
+    # Why deepseek_v3 renders tools as R1's and V3-0324's templates do (deepseek_layouts): V3's own renders calls
+    # only for a null content, which transformers drops, so a call-only turn renders as an empty answer, the call
+    # gone (and with a null content it would leave a single call's list unclosed).
+    text = official_with_tools(tokenizer, "deepseek-v3.jinja", TOOL_CONVERSATIONS["one call"], "deepseek_v3", False)
+    turns = text.split("<｜User｜>", 1)[1]  # after the system prompt, whose call format shows the markers
+    assert "<｜Assistant｜><｜end▁of▁sentence｜>" in turns and "get_weather" not in turns
+    ours = render_conversation(TOOL_CONVERSATIONS["one call"], "deepseek_v3", tokenizer, "assistant", tools=(WEATHER,))
+    assert "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>" in "".join(s.text for s in ours)

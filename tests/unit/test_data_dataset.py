@@ -43,7 +43,7 @@ def test_skip_counts_every_bad_record(tmp_path):
     assert [example.source for example in examples] == [f"{path}:1", f"{path}:6"]
     assert (stats.records_read, stats.skipped_bad) == (6, 4)
     assert stats.skip_reasons == [
-        f"{path}:2: field 'messages[1].role': unknown role (not one of system, user, assistant)",
+        f"{path}:2: field 'messages[1].role': unknown role (not one of system, user, assistant, tool)",
         f"{path}:3: not valid JSON: Expecting value (column 15)",
         f"{path}:4: expected a JSON object, got list",
         f"{path}:5: field 'messages': empty conversation; expected at least one assistant message",

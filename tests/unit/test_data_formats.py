@@ -157,7 +157,7 @@ HUMAN_Q = {"from": "human", "value": "q"}
         (
             {"messages": [USER_Q, ASSISTANT_A, {"role": "bot", "content": "x"}]},
             "messages",
-            "field 'messages[2].role': unknown role (not one of system, user, assistant)",
+            "field 'messages[2].role': unknown role (not one of system, user, assistant, tool)",
         ),
         (
             {"messages": [{"role": "user"}, ASSISTANT_A]},
@@ -210,7 +210,7 @@ HUMAN_Q = {"from": "human", "value": "q"}
         (
             {"conversations": [HUMAN_Q, {"from": "bot", "value": "a"}]},
             "sharegpt",
-            "field 'conversations[1].from': unknown role (not one of human, user, gpt, assistant, system)",
+            "field 'conversations[1].from': unknown role (not one of human, user, gpt, assistant, system, function_call, observation)",
         ),
         (
             {"conversations": [HUMAN_Q, {"from": "gpt"}]},
@@ -291,7 +291,7 @@ def test_prompt_only_record_gets_the_system_prompt():
         (
             {"conversations": [{"from": "bot", "value": "q"}]},
             "sharegpt",
-            "field 'conversations[0].from': unknown role (not one of human, user, gpt, assistant, system)",
+            "field 'conversations[0].from': unknown role (not one of human, user, gpt, assistant, system, function_call, observation)",
         ),
     ],
 )
