@@ -208,3 +208,21 @@ def test_split_prompt_reference_optional():
     assert split_prompt_reference_optional(Example("f:1", messages=answered)) == (prompt, "a")
     with pytest.raises(DsftError, match="f:2: a text record has no prompt and reference answer"):
         split_prompt_reference_optional(Example("f:2", text="doc"))
+
+
+def test_tool_records_train_the_calls_and_answers_never_the_results(tmp_path, tokenizer):
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    record = {"tools": json.dumps([weather]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "RESULT 18 C"},
+        {"from": "gpt", "value": "It is 18 C."}]}
+    path = _write_jsonl(tmp_path / "tools.jsonl", [record])
+    config = DataConfig(train_files=[str(path)], chat_template="deepseek_v31")
+    (row,), _, stats = build_sft_datasets(config, tokenizer, seed=0)
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+    prompt = tokenizer.decode(row["input_ids"])
+    assert "## Tools" in prompt and "### get_weather" in prompt  # the declared tool, in the system prompt
+    assert trained == ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}'
+                       f"<｜tool▁call▁end｜><｜tool▁calls▁end｜>{EOS}It is 18 C.{EOS}")
+    assert "RESULT 18 C" in prompt and "RESULT" not in trained and stats.train_examples == 1
