@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from dsft.data.deepseek_layouts import LAYOUTS, OUTPUT_END, Layout, calls_text, tool_system_prompt
+from dsft.data.deepseek_layouts import LAYOUTS, Layout, calls_text, tool_system_prompt
 from dsft.data.formats import Message
-from dsft.data.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN, USER
+from dsft.data.tokenizer import ASSISTANT, OUTPUT_END, THINK_CLOSE, THINK_OPEN, USER
 from dsft.data.tools import Tool, tools_as_openai
 from dsft.errors import DsftError
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from dsft.data.chat import Segment, check_thinking, render_conversation, render_text, resolve_template
+from dsft.data.deepseek_layouts import LAYOUTS, tool_system_prompt
 from dsft.data.encode import IGNORE_INDEX, encode_segments, truncate
 from dsft.data.formats import Example, Message, detect_format, to_example
 from dsft.data.read import RawRecord, read_records
@@ -249,6 +250,21 @@ def _render(example: Example, template: str, tokenizer, data: DataConfig) -> lis
                                    example.tools)
     except DsftError as exc:
         raise DsftError(f"{example.source}: {exc}") from None
+
+
+def example_texts(example: Example, template: str):
+    """Every string of an example a preset's tokenizer should learn: texts, messages, reasoning, tool calls and
+    the description of its tools (as the built-in template template writes it; deepseek_v3's for another)."""
+    if example.text is not None:
+        yield example.text
+    for message in example.messages:
+        yield message.content
+        if message.reasoning:
+            yield message.reasoning
+        for call in message.tool_calls:
+            yield f"{call.name} {call.arguments}"
+    if example.tools:
+        yield tool_system_prompt("", example.tools, template if template in LAYOUTS else "deepseek_v3")
 
 
 def split_prompt_reference(example: Example) -> tuple[tuple[Message, ...], str]:

@@ -25,15 +25,19 @@ import json
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dsft.data.tokenizer import ASSISTANT, THINK_CLOSE, THINK_OPEN
-
-CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-CALL_BEGIN, CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
-OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
-TOOL_TOKENS = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP, OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN,
-               OUTPUT_END]
-"""DeepSeek's tool markers (added tokens of its tokenizers)."""
+from dsft.data.tokenizer import (
+    ASSISTANT,
+    CALL_BEGIN,
+    CALL_END,
+    CALLS_BEGIN,
+    CALLS_END,
+    OUTPUT_BEGIN,
+    OUTPUTS_BEGIN,
+    OUTPUTS_END,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_SEP,
+)
 
 
 class ToolLayout(NamedTuple):

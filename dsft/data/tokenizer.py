@@ -16,10 +16,17 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-# Special tokens are never split or produced by BPE merges; the think tags are ordinary
-# added tokens (as in DeepSeek-R1's tokenizer) so they survive decode with skip_special_tokens.
+# Special tokens are never split or produced by BPE merges; the think tags and tool markers are
+# ordinary added tokens (as in DeepSeek's tokenizers) so they survive decode with skip_special_tokens.
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]
-ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE]
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP, OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN,
+               OUTPUT_END]
+"""DeepSeek's tool-calling markers (dsft/data/deepseek_layouts.py writes them)."""
+ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE, *TOOL_TOKENS]
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -40,6 +40,7 @@ from dsft.serve.openai_schema import (
     usage,
 )
 from dsft.serve.reply_text import ReplyText, prompt_opens_thinking
+from dsft.serve.tool_calls import ToolUse, forced_opening, read_request
 
 log = logging.getLogger("dsft.serve")
 
@@ -105,6 +106,8 @@ class Call:
     last_token_s: float | None = None
     cache_hit: bool = False
     text: list[str] = field(default_factory=list)
+    tool_use: ToolUse | None = None
+    """A chat request's tools (None: a completion); its reply's calls are parsed when tools are offered."""
 
 
 class App:
@@ -167,19 +170,22 @@ class App:
     def _requested_label(self, requested: str) -> str:
         return requested if requested in self.served.names() else "-"
 
-    def prompt(self, parsed, served: ServedModel) -> tuple[list[int], str]:
-        """(token ids, text) of the prompt: chat messages through the run's template, completion text as training
-        rendered plain text; raises ApiError(400) for a conversation the template refuses or a prompt over the cap."""
-        from dsft.data.chat import render_prompt, render_text
+    def prompt(self, parsed, served: ServedModel) -> tuple[list[int], str, ToolUse | None]:
+        """(token ids, text, tool use) of the prompt: chat messages (and tools) through the run's template, completion
+        text as training rendered plain text; raises ApiError(400) for a conversation the template refuses or a
+        prompt over the cap."""
+        from dsft.data.chat import Segment, render_prompt, render_text
         from dsft.data.encode import encode_segments
-        from dsft.data.formats import Message
 
-        tokenizer = self.served.tokenizer
+        tokenizer, use = self.served.tokenizer, None
         try:
             if isinstance(parsed, ChatCompletionRequest):
-                messages = [Message("system" if m.role == "developer" else m.role, m.text(), m.reasoning_content)
-                            for m in parsed.messages]
-                segments = render_prompt(messages, served.template, tokenizer, _thinking(parsed, served))
+                use = read_request(parsed, served.template)
+                example = use.example
+                segments = render_prompt(example.messages, served.template, tokenizer, _thinking(parsed, served),
+                                         example.tools)
+                if use.forced is not None:  # the reply begins inside the named function's call
+                    segments.append(Segment(forced_opening(served.template, use.forced), False))
             else:
                 segments = render_text(parsed.prompt, tokenizer)[:-1]  # [bos] + text: no end-of-sequence
             ids, _ = encode_segments(segments, tokenizer)
@@ -190,7 +196,7 @@ class App:
         if len(ids) > cap:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {cap} are allowed", "prompt_too_long",
                            param=_prompt_field(parsed), code="context_length_exceeded")
-        return ids, "".join(segment.text for segment in segments)
+        return ids, "".join(segment.text for segment in segments), use
 
     def max_tokens(self, parsed) -> int:
         limits = self.config.limits
@@ -227,14 +233,14 @@ class App:
         parsed = parse_request(body, ChatCompletionRequest if endpoint == "chat" else CompletionRequest)
         max_tokens = self.max_tokens(parsed)  # before a canary draws a version for a request it then refuses
         served = self.resolve(parsed.model, request)
-        ids, prompt_text = self.prompt(parsed, served)
+        ids, prompt_text, tool_use = self.prompt(parsed, served)
         max_tokens = self.fit_context(parsed, len(ids), max_tokens)
         # Counted once the request is accepted, so a canary's split counts the requests each version answers.
         self.metrics.routed.labels(self._requested_label(parsed.model), served.name).inc()
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         return Call(new_id(prefix), endpoint, parsed.model, served, ids, prompt_opens_thinking(prompt_text),
                     max_tokens, sampling_of(parsed), parsed.stop_strings(), bool(parsed.stream),
-                    parsed.include_usage(), started_s, prompt_text)
+                    parsed.include_usage(), started_s, prompt_text, tool_use=tool_use)
 
     # -- generation -----------------------------------------------------------------------------------------------
 

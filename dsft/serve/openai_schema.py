@@ -43,12 +43,50 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+    """JSON text of an object, as OpenAI's API sends it."""
+
+
+class ToolCallPart(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # strict and others are passed through as schema fields
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema; the template shows it to the model."""
+
+
+class ToolSpec(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    """developer is OpenAI's newer name for system; tool turns are not supported."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """developer is OpenAI's newer name for system; tool holds one call's result."""
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = None
     """An earlier assistant turn's reasoning, as DeepSeek's API returns it (the templates drop it, as in training)."""
+    tool_calls: list[ToolCallPart] | None = None
+    """An earlier assistant turn's calls."""
+    tool_call_id: str | None = None
+    """Which call a tool message answers (accepted; results are rendered in order)."""
 
     def text(self) -> str:
         if self.content is None:
@@ -61,7 +99,7 @@ class StreamOptions(_Request):
     """Send a last chunk with the token usage."""
 
 
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias", "echo", "suffix", "presence_penalty",
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "echo", "suffix", "presence_penalty",
                "frequency_penalty")
 """Request fields dsft serve refuses when set (truthy), instead of answering as if they had been honoured."""
 
@@ -122,6 +160,12 @@ class ChatTemplateKwargs(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none"] | NamedToolChoice | None = None
+    """auto (the default with tools), none (the tools are not offered), or one function the reply must call;
+    required is not supported."""
+    parallel_tool_calls: bool | None = None
+    """Accepted: a reply may hold several calls either way."""
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
 
@@ -188,10 +232,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_message(reasoning: str | None, content: str) -> dict:
-    message = {"role": "assistant", "content": content}
+def chat_message(reasoning: str | None, content: str, tool_calls: list[dict] | None = None) -> dict:
+    """The reply message; with tool_calls, content is null when the reply is only calls, as OpenAI's."""
+    message = {"role": "assistant", "content": content if content or not tool_calls else None}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return message
 
 

@@ -39,6 +39,7 @@ from dsft.serve.openai_schema import (
     usage_chunk,
 )
 from dsft.serve.reply_text import ReasoningStream, split_reply
+from dsft.serve.tool_calls import ToolCallStream, call_delta, forced_opening
 
 log = logging.getLogger("dsft.serve")
 
@@ -103,7 +104,11 @@ def _add_routes(app: FastAPI, state: App) -> None:
         if call.stream:
             return _event_stream(state, call, pieces, _chat_chunks(call, pieces))
         reasoning, answer = split_reply(await _joined(state, request, call, pieces), call.opens_thinking)
-        body = chat_completion_body(call.request_id, call.served.name, chat_message(reasoning, answer),
+        stream = _tool_stream(call)
+        answer, calls = (answer, None) if stream is None else _all_of(stream, answer)
+        if calls:
+            call.finish_reason = "tool_calls"
+        body = chat_completion_body(call.request_id, call.served.name, chat_message(reasoning, answer, calls),
                                     call.finish_reason, state.usage(call))
         state.finished(call, 200)
         return JSONResponse(body, headers=state.headers(call))
@@ -152,16 +157,40 @@ async def _join(pieces: AsyncIterator[str]) -> str:
 
 
 async def _chat_chunks(call: Call, pieces: AsyncIterator[str]) -> AsyncIterator[dict]:
-    """Chat stream chunks: the role, then reasoning_content and content deltas, then the finish reason."""
+    """Chat stream chunks: the role, then reasoning_content and content deltas, the parsed tool calls (with tools
+    offered, text from the calls marker on is held until the end), then the finish reason."""
     rid, model = call.request_id, call.served.name
     yield chat_chunk(rid, model, {"role": "assistant", "content": ""})
-    splitter = ReasoningStream(call.opens_thinking)
+    splitter, calls_stream = ReasoningStream(call.opens_thinking), _tool_stream(call)
     async for piece in pieces:
-        for delta in _deltas(*splitter.feed(piece)):
+        reasoning, answer = splitter.feed(piece)
+        for delta in _deltas(reasoning, answer if calls_stream is None else calls_stream.feed(answer)):
             yield chat_chunk(rid, model, delta)
-    for delta in _deltas(*splitter.finish()):
+    reasoning, answer = splitter.finish()
+    answer, calls = (answer, None) if calls_stream is None else _all_of(calls_stream, answer)
+    for delta in _deltas(reasoning, answer):
         yield chat_chunk(rid, model, delta)
+    if calls:
+        call.finish_reason = "tool_calls"
+        yield chat_chunk(rid, model, call_delta(calls))
     yield chat_chunk(rid, model, {}, call.finish_reason)
+
+
+def _tool_stream(call: Call) -> ToolCallStream | None:
+    """The parser of call's reply for tool calls; None when the request offers no tools."""
+    use = call.tool_use
+    if use is None or not use.parses:
+        return None
+    template = call.served.template
+    opening = forced_opening(template, use.forced) if use.forced is not None else ""
+    return ToolCallStream(template, {tool.name for tool in use.example.tools}, opening)
+
+
+def _all_of(stream: ToolCallStream, answer: str) -> tuple[str, list[dict] | None]:
+    """(content, calls) of the rest of an answer fed to stream (all of it, for a reply that is not streamed)."""
+    passed = stream.feed(answer)
+    rest, calls = stream.finish()
+    return passed + rest, calls
 
 
 def _deltas(reasoning: str, answer: str) -> list[dict]:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
-from dsft.data.dataset import DataStats, build_sft_datasets, load_examples
+from dsft.data.dataset import DataStats, build_sft_datasets, example_texts, load_examples
 from dsft.data.packing import PackedCollator
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
@@ -116,12 +116,7 @@ def _training_texts(config: RunConfig):
     """Every string of the training data, for training a preset's tokenizer."""
     data = config.data
     for example in load_examples(data.train_files, data.format, data.on_error, DataStats(), data.system_prompt, data.max_samples):
-        if example.text is not None:
-            yield example.text
-        for message in example.messages:
-            yield message.content
-            if message.reasoning:
-                yield message.reasoning
+        yield from example_texts(example, data.chat_template)
 
 
 def _generation_examples(config: RunConfig, console: Console) -> list:

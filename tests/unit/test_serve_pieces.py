@@ -235,7 +235,9 @@ BAD_BODIES = [
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}', "temperature", "less"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream", "boolean"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "n", "less"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}', "tools", "not supported"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "functions": [{"x": 1}]}', "functions", "not supported"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}', "tools.0.type", "required"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', "tool_choice", "auto"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}', "stop", "stop strings"),
 ]
 
