@@ -284,11 +284,12 @@ def split_prompt_reference(example: Example) -> tuple[tuple[Message, ...], str]:
 
 
 def split_prompt_reference_optional(example: Example) -> tuple[tuple[Message, ...], str | None]:
-    """Like split_prompt_reference, but a conversation ending with a user turn is all prompt: (messages, None).
+    """Like split_prompt_reference, but a conversation ending with a user turn (or tool results) is all prompt:
+    (messages, None).
 
     Such examples come from load_examples(..., require_answer=False). Raises DsftError for a text
     example or a conversation ending with neither a user nor an assistant turn.
     """
-    if example.text is None and example.messages and example.messages[-1].role == "user":
+    if example.text is None and example.messages and example.messages[-1].role in ("user", "tool"):
         return example.messages, None
     return split_prompt_reference(example)

@@ -22,6 +22,7 @@ tools argument, so this wording is dsft's; it shows the call format of its templ
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -104,3 +105,35 @@ def tool_system_prompt(system: str, tools: Sequence, template: str) -> str:
         lines += [f"Parameters: {json.dumps(tool.schema.get('parameters', {}), ensure_ascii=False)}", ""]
     description = "\n".join(lines).rstrip("\n")
     return f"{system}\n\n{description}" if system else description
+
+
+def read_calls(text: str, template: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(text before the calls, [(name, arguments text)]) of a reply in template's tool format, as written (not
+    checked: see arguments_object); None when it has no calls marker, the template is not a built-in one, or
+    what follows the marker is not calls in that format. A missing closing marker is accepted: a model may stop
+    at its end of sequence first."""
+    if template not in LAYOUTS or CALLS_BEGIN not in text:
+        return None
+    content, _, rest = text.partition(CALLS_BEGIN)
+    call = re.escape(LAYOUTS[template].tools.call)
+    pattern = call.replace(re.escape("{name}"), "(?P<name>.+?)").replace(re.escape("{arguments}"), "(?P<arguments>.*?)")
+    rest = rest.strip().removesuffix(CALLS_END).rstrip()
+    rest = rest if rest.endswith(CALL_END) else rest + CALL_END
+    calls, position = [], 0
+    for match in re.finditer(pattern, rest, re.DOTALL):
+        if rest[position:match.start()].strip():  # text between calls: not this format
+            return None
+        calls.append((match.group("name").strip(), match.group("arguments").strip()))
+        position = match.end()
+    if not calls or rest[position:].strip():
+        return None
+    return content.rstrip(), calls
+
+
+def arguments_object(arguments: str) -> dict | None:
+    """A call's arguments parsed, or None when they are not a JSON object."""
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None

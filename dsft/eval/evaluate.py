@@ -37,6 +37,7 @@ from dsft.eval.report import (
 from dsft.eval.speed import measure_speed
 from dsft.eval.targets import EvalTarget, load_target
 from dsft.eval.text_metrics import score_generations
+from dsft.eval.tool_metrics import tool_call_metrics
 from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
@@ -135,6 +136,7 @@ def _evaluate_model(target: EvalTarget, items: list[Item], settings: EvalConfig)
         "output_lengths_tokens": [len(ids) for ids in target.tokenizer(replies, add_special_tokens=False)["input_ids"]] if replies else [],
         "prompt_texts": [_rendered(item, target) for item in items],
     }
+    _add_tool_calls(section, [answers[item.index] for item in chat], chat, target.template)
     if not chat:
         section["unavailable"]["generation"] = "the data holds text records only: no prompts to answer"
     if settings.task == "classification":
@@ -144,6 +146,15 @@ def _evaluate_model(target: EvalTarget, items: list[Item], settings: EvalConfig)
         section["speed"] = measure_speed(target.model, prompts, target.tokenizer.pad_token_id,
                                          settings.speed_batch_size, settings.speed_new_tokens)
     return section, predictions
+
+
+def _add_tool_calls(section: dict, answers: list[str], chat: list[Item], template: str) -> None:
+    """The tool-call metrics (dsft/eval/tool_metrics.py) of data whose references call tools."""
+    references = [item.example.messages[-1].tool_calls if item.reference is not None else None for item in chat]
+    metrics, unavailable = tool_call_metrics(answers, references, template)
+    section["metrics"].update(metrics)
+    if unavailable is not None and any(references):
+        section["unavailable"]["tool_calls"] = unavailable
 
 
 def _rendered(item: Item, target: EvalTarget) -> str | None:
@@ -205,7 +216,7 @@ def _results(data_path, data_format, items, settings, sections, predictions) -> 
     data_bytes = Path(data_path).read_bytes()
     results = {
         "dsft_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "data": {"path": str(data_path), "sha256": hashlib.sha256(data_bytes).hexdigest(), "format": data_format,
                  "examples": len(items), "with_reference": sum(item.reference is not None for item in items)},
         "decoding": {"max_new_tokens": settings.max_new_tokens, "do_sample": False, "batch_size": settings.batch_size,

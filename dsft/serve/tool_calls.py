@@ -13,14 +13,13 @@ dsft does not know that model's call format.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
-from dsft.data.deepseek_layouts import LAYOUTS
+from dsft.data.deepseek_layouts import LAYOUTS, arguments_object, read_calls
 from dsft.data.formats import Example, to_example
 from dsft.data.read import RawRecord
-from dsft.data.tokenizer import CALL_END, CALLS_BEGIN, CALLS_END
+from dsft.data.tokenizer import CALLS_BEGIN
 from dsft.errors import DsftError
 from dsft.serve.openai_schema import ApiError, ChatCompletionRequest, new_id
 
@@ -77,32 +76,15 @@ def forced_opening(template: str, name: str) -> str:
 
 def parse_calls(text: str, template: str, declared: set[str]) -> tuple[str, list[dict]] | None:
     """(content before the calls, OpenAI tool_calls) of a reply in template's format; None when the reply has no
-    calls or they do not parse (a closing marker may be missing: the model may stop at its end of sequence)."""
-    if template not in LAYOUTS or CALLS_BEGIN not in text:
+    calls or they do not parse: a tool that is not declared, arguments that are not a JSON object."""
+    found = read_calls(text, template)
+    if found is None:
         return None
-    content, _, rest = text.partition(CALLS_BEGIN)
-    layout = LAYOUTS[template].tools
-    pattern = re.escape(layout.call).replace(re.escape("{name}"), "(?P<name>.+?)").replace(
-        re.escape("{arguments}"), "(?P<arguments>.*?)")
-    calls, position = [], 0
-    rest = rest.removesuffix(CALLS_END).rstrip()
-    if not rest.endswith(CALL_END):
-        rest += CALL_END
-    for match in re.finditer(pattern, rest, re.DOTALL):
-        if rest[position:match.start()].strip():  # text between calls: not this format
-            return None
-        name, arguments = match.group("name").strip(), match.group("arguments").strip()
-        try:
-            valid = name in declared and isinstance(json.loads(arguments), dict)
-        except json.JSONDecodeError:
-            valid = False
-        if not valid:
-            return None
-        calls.append({"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}})
-        position = match.end()
-    if not calls or rest[position:].strip():
+    content, calls = found
+    if not all(name in declared and arguments_object(arguments) is not None for name, arguments in calls):
         return None
-    return content.rstrip(), calls
+    return content, [{"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}
+                     for name, arguments in calls]
 
 
 class ToolCallStream:

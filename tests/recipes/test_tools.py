@@ -95,3 +95,19 @@ def test_tool_choice_none_offers_no_tools_and_a_named_function_is_called(client)
     named = ask(client, [ASK], tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
     assert named.finish_reason == "tool_calls" and named.message.tool_calls[0].function.name == "get_weather"
     assert json.loads(named.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_eval_reports_the_tool_call_metrics(run, tmp_path):
+    test_file = tmp_path / "test.jsonl"
+    call_only = {"tools": TOOLS, "messages": [ASK, CALL]}  # the reference answer is the call
+    answered = {"tools": TOOLS, "messages": [ASK, CALL, RESULT, {"role": "assistant", "content": ANSWER}]}
+    test_file.write_text(json.dumps(call_only) + "\n" + json.dumps(answered) + "\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(test_file), "--out", str(out),
+                                      "--set", "eval.max_new_tokens=48"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "results.json").read_text(encoding="utf-8"))["models"]["target"]["metrics"]
+    assert {k: metrics[k] for k in metrics if k.startswith("tool_")} == {
+        "tool_call_rate": 1.0, "tool_name_exact": 1.0, "tool_arguments_exact": 1.0, "tool_arguments_valid_json": 1.0,
+        "tool_false_call_rate": 0.0}
+    assert "tool_call_rate" in (out / "report.md").read_text(encoding="utf-8")
