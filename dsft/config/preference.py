@@ -18,19 +18,28 @@ class RewardModelConfig(Section):
 class DpoConfig(Section):
     beta: float = Field(0.1, gt=0)
     """Strength of the pull toward the reference model: higher stays closer to it."""
-    loss: Literal["sigmoid", "ipo", "robust"] = "sigmoid"
-    """sigmoid: the DPO loss; ipo: IPO's squared loss (no overfitting to deterministic preferences);
-    robust: DPO robust to label_smoothing's share of flipped labels."""
+    loss: Literal["sigmoid", "ipo", "robust", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"] = "sigmoid"
+    """The DPO-family loss TRL computes: sigmoid (DPO); ipo (IPO's squared loss, per-token log-ratios: no
+    overfitting to deterministic preferences); robust (DPO robust to label_smoothing's share of flipped labels);
+    hinge (SLiC's hinge on the margin); sigmoid_norm (DPO on per-token log-ratios, as SimPO normalizes by
+    length, with the reference kept); exo_pair (EXO, label_smoothing > 0); nca_pair (NCA); bco_pair (BCO);
+    sppo_hard (SPPO with hard labels); aot and aot_unpaired (alignment by optimal transport); apo_zero and
+    apo_down (anchored preference optimization: chosen better, or worse, than the model's own answers);
+    discopop (DiscoPOP, discopop_tau 0.05)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Assumed share of preference pairs whose labels are flipped (loss robust)."""
+    """Assumed share of preference pairs whose labels are flipped (losses robust, exo_pair, aot, aot_unpaired)."""
     reference: str | None = None
     """Reference model (local dir or hub id); default: the starting model (with LoRA, the model with its
     adapter disabled, so no second copy of the weights)."""
 
     @model_validator(mode="after")
-    def _smoothing_needs_robust(self) -> DpoConfig:
-        if self.label_smoothing and self.loss != "robust":
-            raise ValueError(f"dpo.label_smoothing applies to loss robust only (loss is {self.loss!r})")
+    def _smoothing_where_it_applies(self) -> DpoConfig:
+        smoothed = ("robust", "exo_pair", "aot", "aot_unpaired")
+        if self.label_smoothing and self.loss not in smoothed:
+            raise ValueError(f"dpo.label_smoothing applies to losses {', '.join(smoothed)} only (loss is {self.loss!r})")
+        if self.loss == "exo_pair" and not self.label_smoothing:
+            raise ValueError("dpo.loss exo_pair needs dpo.label_smoothing > 0 (its target distribution; 1e-3 is usual)")
         return self
 
 

@@ -4,7 +4,8 @@
 reference); its compute_loss on a fixed batch is compared with the loss written out from the policy's and the
 reference's summed answer log-probabilities, computed here from plain forward logits (log_softmax, gather):
 sigmoid -log sigmoid(beta delta); TRL's IPO (each side's log-ratio divided by its answer length, then
-(delta - 1 / (2 beta))^2); robust ((1 - e) -log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e).
+(delta - 1 / (2 beta))^2); robust ((1 - e) -log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e);
+and each further DPO-family loss of dpo.loss as hand_loss writes it out.
 The policy is perturbed first (LoRA B matrices, or every weight for full), so policy and reference differ.
 With LoRA the reference is the policy with its adapter disabled: no reference model, no second adapter.
 """
@@ -70,19 +71,42 @@ def answer_logps(model, batch) -> torch.Tensor:
 
 
 def hand_loss(loss: str, policy_2B, reference_2B, completion_mask, label_smoothing: float) -> torch.Tensor:
-    logratio_chosen, logratio_rejected = (policy_2B - reference_2B).chunk(2)
-    delta = logratio_chosen - logratio_rejected
-    if loss == "sigmoid":
-        return -F.logsigmoid(BETA * delta).mean()
-    if loss == "robust":
-        e = label_smoothing
-        return ((-(1 - e) * F.logsigmoid(BETA * delta) + e * F.logsigmoid(-BETA * delta)) / (1 - 2 * e)).mean()
+    """Each loss written out from the papers' definitions as TRL states them (per pair, then the batch mean)."""
+    b, e = BETA, label_smoothing
+    logratio_2B = policy_2B - reference_2B
+    chosen, rejected = logratio_2B.chunk(2)
+    delta = chosen - rejected
     length_chosen, length_rejected = completion_mask.sum(-1).chunk(2)
-    ipo_delta = logratio_chosen / length_chosen - logratio_rejected / length_rejected
-    return ((ipo_delta - 1 / (2 * BETA)) ** 2).mean()
+    policy_c, policy_r = policy_2B.chunk(2)
+    reference_c, reference_r = reference_2B.chunk(2)
+    sig, logsig = torch.sigmoid, F.logsigmoid
+    if loss in ("aot", "aot_unpaired"):  # optimal transport: the batch's sorted margins matched
+        sorted_delta = (torch.sort(policy_c - policy_r).values - torch.sort(reference_c - reference_r).values
+                        if loss == "aot" else torch.sort(chosen).values - torch.sort(rejected).values)
+    losses = {
+        "sigmoid": lambda: -logsig(b * delta),
+        "robust": lambda: (-(1 - e) * logsig(b * delta) + e * logsig(-b * delta)) / (1 - 2 * e),
+        "ipo": lambda: (chosen / length_chosen - rejected / length_rejected - 1 / (2 * b)) ** 2,
+        "hinge": lambda: torch.relu(1 - b * delta),
+        "sigmoid_norm": lambda: -logsig(b * (chosen / length_chosen - rejected / length_rejected)),
+        "exo_pair": lambda: sig(b * delta) * (logsig(b * delta) - torch.log1p(torch.tensor(-e)))
+        + sig(-b * delta) * (logsig(-b * delta) - torch.log(torch.tensor(e))),
+        "nca_pair": lambda: -logsig(b * chosen) - 0.5 * logsig(-b * chosen) - 0.5 * logsig(-b * rejected),
+        "bco_pair": lambda: -logsig(b * chosen) - logsig(-b * rejected),
+        "sppo_hard": lambda: (chosen - 0.5 / b) ** 2 + (rejected + 0.5 / b) ** 2,
+        "aot": lambda: -logsig(b * sorted_delta) * (1 - e) - logsig(-b * sorted_delta) * e,
+        "aot_unpaired": lambda: -logsig(b * sorted_delta) * (1 - e) - logsig(-b * sorted_delta) * e,
+        "apo_zero": lambda: 1 - sig(b * chosen) + sig(b * rejected),
+        "apo_down": lambda: sig(b * chosen) + 1 - sig(b * delta),
+        "discopop": lambda: -logsig(b * delta) * (1 - sig(b * delta / 0.05)) + torch.exp(-b * delta) * sig(b * delta / 0.05),
+    }
+    return losses[loss]().mean()
 
 
-@pytest.mark.parametrize("loss, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+@pytest.mark.parametrize("loss, label_smoothing", [
+    ("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.2), ("hinge", 0.0), ("sigmoid_norm", 0.0), ("exo_pair", 1e-3),
+    ("nca_pair", 0.0), ("bco_pair", 0.0), ("sppo_hard", 0.0), ("aot", 0.1), ("aot_unpaired", 0.0),
+    ("apo_zero", 0.0), ("apo_down", 0.0), ("discopop", 0.0)])
 def test_lora_dpo_loss_equals_hand_computation_with_adapter_disabled_reference(tmp_path, tokenizer, rows, loss,
                                                                                label_smoothing):
     trainer = dsft_trainer(tmp_path, tokenizer, rows, "lora", loss, label_smoothing)
