@@ -99,6 +99,7 @@ def to_example(
     messages then end with that user turn. Raises DsftError naming the record's source and the
     bad field, or ValueError for a fmt that is not one of FORMATS.
     """
+    _refuse_media(record)
     if fmt == "text":
         return Example(record.source, text=_required_str(record, record.data, "text", non_empty=True))
     parsers = {"alpaca": _alpaca_messages, "messages": _messages_messages, "sharegpt": _sharegpt_messages}
@@ -157,7 +158,7 @@ def _messages_messages(record: RawRecord, require_answer: bool, tools: tuple[Too
             raise _field_error(record, f"{path}.role", f"unknown role (not one of {', '.join(ROLES)})")
         has_calls = role == "assistant" and turn.get("tool_calls") not in (None, [])
         # An assistant turn that only calls tools may have null or no content, as OpenAI's API sends it.
-        content = _optional_str(record, turn, "content", path) if has_calls else _required_str(record, turn, "content", path)
+        content = _message_content(record, turn, path, required=not has_calls)
         reasoning = _message_reasoning(record, turn, path)
         if role == "assistant":
             calls = openai_calls(record, f"{path}.tool_calls", turn["tool_calls"], tools) if has_calls else ()
@@ -170,6 +171,37 @@ def _messages_messages(record: RawRecord, require_answer: bool, tools: tuple[Too
             messages.append(Message(role, content))
     _check_conversation(record, "messages", messages, require_answer)
     return messages
+
+
+_MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
+_MEDIA_FIELDS = ("images", "image", "audios", "audio", "videos", "video")
+"""Record fields and content parts of images, audio and video (LLaMA-Factory's and OpenAI's names)."""
+
+
+def _message_content(record: RawRecord, turn: dict, path: str, required: bool) -> str | None:
+    """A message's content: a string, or a list of text parts ({"type": "text", "text"}) joined; a part of an
+    image, audio or video is refused by name (dsft trains text models)."""
+    parts = turn.get("content")
+    if not isinstance(parts, list):
+        return _required_str(record, turn, "content", path) if required else _optional_str(record, turn, "content", path)
+    texts = []
+    for i, part in enumerate(parts):
+        where = f"{path}.content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise _field_error(record, f"{where}.type", f"a {kind} part: dsft trains text models only, so records "
+                                                        "with images, audio or video are refused; remove the part")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise _field_error(record, where, 'expected a text part {"type": "text", "text": ...}')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _refuse_media(record: RawRecord) -> None:
+    for name in _MEDIA_FIELDS:
+        if record.data.get(name) not in (None, [], ""):
+            raise _field_error(record, name, "dsft trains text models only: records with images, audio or video "
+                                             "are refused rather than read as text without them; remove the field")
 
 
 def _message_reasoning(record: RawRecord, turn: dict, path: str) -> str | None:

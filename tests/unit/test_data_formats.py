@@ -1,5 +1,7 @@
 """Formats: each one validated into an exact Example, and every bad input named by source and field."""
 
+import re
+
 import pytest
 
 from dsft.data.formats import Example, Message, detect_format, to_example
@@ -166,9 +168,9 @@ HUMAN_Q = {"from": "human", "value": "q"}
         ),
         ({"messages": [{"content": "q"}]}, "messages", "field 'messages[0].role': required field is missing"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, ASSISTANT_A]},
+            {"messages": [{"role": "user", "content": [{"text": "q"}]}, ASSISTANT_A]},
             "messages",
-            "field 'messages[0].content': expected a string, got list",
+            "field 'messages[0].content[0]': expected a text part",
         ),
         (
             {"messages": [USER_Q, {"role": "system", "content": "s"}, ASSISTANT_A]},
@@ -308,3 +310,31 @@ def test_a_record_may_set_its_own_thinking_mode():
     assert to_example(_record({"messages": chat}), "messages").thinking is None
     with pytest.raises(DsftError, match=f"{SOURCE}: field 'thinking': must be true or false, not 'yes'"):
         to_example(_record({"messages": chat, "thinking": "yes"}), "messages")
+
+
+def test_content_as_a_list_of_text_parts_is_joined():
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]
+    assert to_example(_record({"messages": chat}), "messages").messages == (Message("user", "What is 2+2?"),
+                                                                            Message("assistant", "4"))
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}},
+                                               {"type": "text", "text": "what is this?"}]},
+                   {"role": "assistant", "content": "a cat"}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": "<image>what is this?"}, {"role": "assistant", "content": "a cat"}],
+      "images": ["cat.png"]}, "images"),
+    ({"conversations": [{"from": "human", "value": "<audio>hear"}, {"from": "gpt", "value": "ok"}],
+      "audios": ["a.wav"]}, "audios"),
+    ({"instruction": "<video>describe", "output": "a dog", "videos": ["v.mp4"]}, "videos"),
+])
+def test_images_audio_and_video_are_refused_by_name(data, field):
+    with pytest.raises(DsftError, match=rf"{SOURCE}: field '{re.escape(field)}': .*dsft trains text models only"):
+        to_example(_record(data), detect_format(_record(data)))
+
+
+def test_a_part_that_is_not_text_is_a_clear_error():
+    chat = [{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(DsftError, match=r"field 'messages\[0\].content\[0\]': expected a text part"):
+        to_example(_record({"messages": chat}), "messages")
