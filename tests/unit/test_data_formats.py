@@ -170,7 +170,7 @@ HUMAN_Q = {"from": "human", "value": "q"}
         (
             {"messages": [{"role": "user", "content": [{"text": "q"}]}, ASSISTANT_A]},
             "messages",
-            "field 'messages[0].content[0]': expected a text part",
+            "field 'messages[0].content[0]': expected a text part {\"type\": \"text\", \"text\": ...}",
         ),
         (
             {"messages": [USER_Q, {"role": "system", "content": "s"}, ASSISTANT_A]},
