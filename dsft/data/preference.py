@@ -5,7 +5,9 @@ Two record shapes, detected per record:
 - alpaca style: {"instruction" (or "prompt"), "input"?, "system"?, "chosen": str, "rejected": str};
 - messages style: {"prompt": [messages]?, "chosen": [messages], "rejected": [messages]}. Without a
   prompt field, chosen and rejected are whole conversations that share every turn but the last
-  (the final assistant turn is the answer), as TRL's implicit-prompt datasets are.
+  (the final assistant turn is the answer), as TRL's implicit-prompt datasets are;
+- LLaMA-Factory's layout: the prompt as a conversation ("conversations" in sharegpt, or "messages"),
+  chosen and rejected as one answer message each ({"from": "gpt", "value"} or {"role", "content"}).
 
 Answers may carry reasoning (a `reasoning` field in messages style, or inline <think>...</think>).
 Every problem raises DsftError naming file:line and the field, never quoting the values.
@@ -20,7 +22,8 @@ from dsft.data.formats import Message, to_example
 from dsft.data.read import RawRecord, json_type
 from dsft.errors import DsftError
 
-SHAPES = "alpaca style (instruction or prompt, chosen, rejected as strings) or messages style (chosen, rejected as message lists)"
+SHAPES = ("alpaca style (instruction or prompt, chosen, rejected as strings), messages style (chosen, rejected as "
+          "message lists) or LLaMA-Factory's (conversations or messages, chosen and rejected as one message each)")
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,11 @@ def to_pair(record: RawRecord, system_prompt: str | None = None) -> PreferencePa
         pair = _alpaca_pair(record)
     elif kinds == {"list"}:
         pair = _messages_pair(record)
+    elif kinds == {"object"}:
+        pair = _conversation_pair(record)
     else:
-        raise DsftError(f"{record.source}: fields 'chosen' and 'rejected' must both be strings or both be message "
-                        f"lists (got {json_type(data['chosen'])} and {json_type(data['rejected'])})")
+        raise DsftError(f"{record.source}: fields 'chosen' and 'rejected' must both be strings, both message lists "
+                        f"or both message objects (got {json_type(data['chosen'])} and {json_type(data['rejected'])})")
     if (pair.chosen.content, pair.chosen.reasoning) == (pair.rejected.content, pair.rejected.reasoning):
         raise DsftError(f"{record.source}: 'chosen' and 'rejected' are the same answer; a pair must differ")
     if system_prompt is not None and pair.prompt[0].role != "system":
@@ -86,6 +91,30 @@ def _messages_pair(record: RawRecord) -> PreferencePair:
     if not chosen_prompt or chosen_prompt[-1].role != "user":
         raise DsftError(f"{record.source}: the prompt of the pair must end with a user turn")
     return PreferencePair(record.source, tuple(chosen_prompt), chosen, rejected)
+
+
+def _conversation_pair(record: RawRecord) -> PreferencePair:
+    """LLaMA-Factory's layout: the prompt conversation, then each answer message appended and read with it."""
+    data = record.data
+    key = "conversations" if "conversations" in data else "messages"
+    if not isinstance(data.get(key), list):
+        raise DsftError(f"{record.source}: field 'conversations' (or 'messages') must hold the prompt conversation "
+                        "when chosen and rejected are single messages")
+    fmt = "sharegpt" if key == "conversations" else "messages"
+    fields = {k: v for k, v in data.items() if k not in ("chosen", "rejected")}
+    answers, prompts = [], []
+    for name in ("chosen", "rejected"):
+        joined = RawRecord({**fields, key: [*data[key], data[name]]}, record.source)
+        try:
+            *prompt, answer = to_example(joined, fmt).messages
+        except DsftError as error:
+            last = len(data[key])
+            raise DsftError(str(error).replace(f"{key}[{last}]", name)) from None
+        answers.append(_renamed(answer, name, record))
+        prompts.append(tuple(prompt))
+    if not prompts[0] or prompts[0][-1].role != "user":
+        raise DsftError(f"{record.source}: the prompt of the pair must end with a user turn")
+    return PreferencePair(record.source, prompts[0], *answers)
 
 
 def _conversation(record: RawRecord, prompt_turns: list, key: str) -> list[Message]:

@@ -29,9 +29,25 @@ def test_messages_style_with_explicit_and_implicit_prompt_agree():
     assert explicit.prompt == (Message("system", "s"), Message("user", "q"))
 
 
+def test_llama_factorys_layout_reads_as_the_same_pair():
+    # LLaMA-Factory's dpo_en_demo: the prompt in sharegpt conversations, each answer one message object.
+    sharegpt = pair({"system": "s", "conversations": [{"from": "human", "value": "q"}],
+                     "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}})
+    messages = pair({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                     "chosen": {"role": "assistant", "content": "good"},
+                     "rejected": {"role": "assistant", "content": "bad"}})
+    assert sharegpt == messages
+    assert sharegpt.prompt == (Message("system", "s"), Message("user", "q"))
+    assert (sharegpt.chosen.content, sharegpt.rejected.content) == ("good", "bad")
+
+
 @pytest.mark.parametrize("data, message", [
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "bot", "value": "b"}}, "prefs.jsonl:3: field 'rejected.from': unknown role"),
+    ({"chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+     "field 'conversations' (or 'messages') must hold the prompt conversation"),
     ({"instruction": "q", "chosen": "a"}, "prefs.jsonl:3: field 'rejected' is missing"),
-    ({"instruction": "q", "chosen": "a", "rejected": ["b"]}, "must both be strings or both be message lists"),
+    ({"instruction": "q", "chosen": "a", "rejected": ["b"]}, "must both be strings, both message lists or both message objects"),
     ({"chosen": "a", "rejected": "b"}, "prefs.jsonl:3: field 'instruction' (or 'prompt') is missing"),
     ({"instruction": "q", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are the same answer"),
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
