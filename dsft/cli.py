@@ -83,6 +83,7 @@ STAGES = {
     "token_classification": "dsft.train.token_classify:run_token_classify",
     "reward": "dsft.train.reward:run_reward",
     "dpo": "dsft.train.dpo:run_dpo",
+    "kto": "dsft.train.kto:run_kto",
     "grpo": "dsft.train.grpo:run_grpo",
     "ppo": "dsft.train.ppo:run_ppo",
 }

@@ -1,5 +1,8 @@
 """Write preference pairs for the quickstart task: the same unit-conversion prompts, chosen = the correct answer,
-rejected = a wrong one, for examples/dpo_after_quickstart.yaml and examples/reward_model.yaml.
+rejected = a wrong one, for examples/dpo_after_quickstart.yaml and examples/reward_model.yaml; and the same answers
+unpaired for examples/kto_after_quickstart.yaml: each a conversation labelled true (the correct answer) or false
+(the wrong one), shuffled so that neighbouring records (KTO's mismatched pairs for its KL term) answer different
+prompts.
 
 Built from examples/data/quickstart/{train,test}.jsonl (python examples/make_quickstart_data.py writes them), so
 the DPO example's prompts are the very prompts its starting SFT model learned. Each wrong answer is a mistake a
@@ -41,17 +44,34 @@ def pairs(records: list[dict], rng: random.Random) -> list[dict]:
     return out
 
 
+def labelled(pair_records: list[dict], rng: random.Random) -> list[dict]:
+    """Each pair's answers as two KTO records (messages and a boolean label), shuffled."""
+    out = []
+    for pair in pair_records:
+        for key, label in (("chosen", True), ("rejected", False)):
+            out.append({"messages": [{"role": "user", "content": pair["instruction"]},
+                                     {"role": "assistant", "content": pair[key]}], "label": label})
+    rng.shuffle(out)
+    return out
+
+
 def main(source: Path = HERE / "data" / "quickstart", out_dir: Path = HERE / "data" / "preferences",
          train_pairs: int = 1000) -> None:
-    rng = random.Random(SEED)
+    rng, shuffle_rng = random.Random(SEED), random.Random(SEED + 1)  # the pairs' stream stays as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, count in (("train", train_pairs), ("test", None)):
         lines = (source / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         records = [json.loads(line) for line in lines[:count]]
         path = out_dir / f"units_{name}.jsonl"
+        written = pairs(records, rng)
         with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs(records, rng))
+            f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in written)
         print(f"wrote {len(records)} pairs to {path}")
+        unpaired = labelled(written, shuffle_rng)
+        kto_path = out_dir / f"units_kto_{name}.jsonl"
+        with open(kto_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in unpaired)
+        print(f"wrote {len(unpaired)} labelled answers to {kto_path}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,22 @@ class DpoConfig(Section):
         return self
 
 
+class KtoConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull toward the reference model: higher stays closer to it."""
+    loss: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """kto: KTO's prospect-theoretic loss, each answer's log-ratio to the reference against the KL estimate from
+    mismatched answers; apo_zero_unpaired: APO-zero without pairs (desirable answers up, undesirable down)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """Weight of the desirable (label true) answers' losses; with unequal counts, KTO's paper advises that
+    desirable_weight x desirable / (undesirable_weight x undesirable) lie in [1, 4/3]."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """Weight of the undesirable (label false) answers' losses."""
+    reference: str | None = None
+    """Reference model (local dir or hub id); default: the starting model (with LoRA, the model with its
+    adapter disabled)."""
+
+
 class RewardFunctionConfig(Section):
     kind: Literal["accuracy", "regex", "format", "diversity", "efficiency", "reward_model", "python"]
     """accuracy: 1 when the final answer equals the reference; regex: 1 when pattern matches; format: 1 for a

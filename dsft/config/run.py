@@ -33,7 +33,7 @@ from dsft.config.loader import (
     where,
 )
 from dsft.config.model import DataConfig, MethodConfig, ModelConfig
-from dsft.config.preference import DpoConfig, GrpoConfig, PpoConfig, RewardModelConfig
+from dsft.config.preference import DpoConfig, GrpoConfig, KtoConfig, PpoConfig, RewardModelConfig
 from dsft.config.tasks import ClassifyConfig, MultitaskConfig, TokenClassifyConfig
 from dsft.config.train import TrainConfig
 from dsft.errors import DsftError
@@ -51,14 +51,15 @@ class OutputConfig(Section):
 
 TASK_SECTIONS = {"classify": "classification", "token_classify": "token_classification", "multitask": "multitask"}
 """Config section of each head task, written only for its task."""
-STAGE_SECTIONS = ("reward", "dpo", "grpo", "ppo")
+STAGE_SECTIONS = ("reward", "dpo", "kto", "grpo", "ppo")
 """Config sections named after their stage, written only for that stage."""
 
 
 class RunConfig(Section):
-    stage: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    stage: Literal["sft", "reward", "dpo", "kto", "grpo", "ppo"] = "sft"
     """Training stage: sft (supervised fine-tuning, or the head task), reward (a reward model on preference
-    pairs), dpo (direct preference optimization), grpo (group relative policy optimization) or ppo."""
+    pairs), dpo (direct preference optimization), kto (answers labelled desirable or not, unpaired), grpo (group
+    relative policy optimization) or ppo."""
     task: Literal["causal_lm", "classification", "token_classification", "multitask"] = "causal_lm"
     """What the model learns: causal_lm (SFT on text), classification (a label per text), token_classification
     (a BIO tag per word, e.g. entities) or multitask (several heads on one backbone)."""
@@ -84,6 +85,8 @@ class RunConfig(Section):
     """Settings for stage reward."""
     dpo: DpoConfig = DpoConfig()
     """Settings for stage dpo."""
+    kto: KtoConfig = KtoConfig()
+    """Settings for stage kto."""
     grpo: GrpoConfig = GrpoConfig()
     """Settings for stage grpo: group size, sampling, KL, clipping, reward components."""
     ppo: PpoConfig = PpoConfig()

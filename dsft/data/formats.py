@@ -100,6 +100,9 @@ def to_example(
     bad field, or ValueError for a fmt that is not one of FORMATS.
     """
     _refuse_media(record)
+    if isinstance(record.data.get("label"), bool):  # KTO's layout: read as SFT, the label would be ignored
+        raise _field_error(record, "label", "a KTO label (true/false) judges the answer; train these records with "
+                                            "stage: kto, or remove the field")
     if fmt == "text":
         return Example(record.source, text=_required_str(record, record.data, "text", non_empty=True))
     parsers = {"alpaca": _alpaca_messages, "messages": _messages_messages, "sharegpt": _sharegpt_messages}

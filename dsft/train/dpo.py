@@ -21,7 +21,6 @@ one config (stages), which hands the merged model over.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import warnings
@@ -41,7 +40,7 @@ from dsft.eval.exact_match import score_exact_match
 from dsft.models.families import model_type_of
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import build_model, has_tokenizer_files
+from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters, fused_expert_patterns, lora_config
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -62,6 +61,8 @@ from dsft.train.trl_stage import (
     check_stage_config,
     checkpointing_mode,
     data_lines,
+    reference_description,
+    reference_model,
     router_aux_loss_coef,
     training_texts,
     trl_arguments,
@@ -150,38 +151,12 @@ def run_dpo(
 
 
 def build_reference(config: RunConfig, policy, tokenizer):
-    """The frozen reference model, or None with LoRA and no dpo.reference (the adapter-disabled policy is the reference).
-
-    Raises DsftError when dpo.reference cannot be loaded or its tokenizer differs from the policy's.
-    """
-    if config.dpo.reference is None:
-        if config.method.type == "lora":
-            return None
-        reference = copy.deepcopy(policy)  # full fine-tuning changes every weight: the start must be kept whole
-    else:
-        _check_reference_tokenizer(config.dpo.reference, tokenizer)
-        source = config.model.model_copy(update={"name_or_path": config.dpo.reference, "preset": None, "revision": None})
-        reference = build_model(source, tokenizer, config.train.seed)
-    reference.requires_grad_(False)
-    return reference.eval()
+    """The frozen reference model of dpo.reference (trl_stage.reference_model)."""
+    return reference_model(config, policy, tokenizer, config.dpo.reference)
 
 
 def describe_reference(config: RunConfig) -> str:
-    if config.dpo.reference is not None:
-        return config.dpo.reference
-    if config.method.type == "lora":
-        return "the policy with its LoRA adapter disabled (no second copy of the weights)"
-    return "a frozen copy of the starting model"
-
-
-def _check_reference_tokenizer(reference: str, tokenizer) -> None:
-    from dsft.data.tokenizer import load_tokenizer
-
-    if not has_tokenizer_files(Path(reference)):
-        return  # a hub id: its tokenizer is only checked by the vocabulary size build_model sees
-    if load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
-        raise DsftError(f"dpo.reference {reference}: its tokenizer differs from the policy's; the log-probabilities "
-                        "of the same token ids would not compare (use a model trained with the policy's tokenizer)")
+    return reference_description(config, config.dpo.reference)
 
 
 def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, tokenizer, train_rows: list[dict],

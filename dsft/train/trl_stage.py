@@ -115,6 +115,47 @@ def router_aux_loss_coef(model) -> float:
     return float(getattr(text_config, "router_aux_loss_coef", 0.0))
 
 
+def reference_model(config: RunConfig, policy, tokenizer, reference: str | None):
+    """The frozen reference model of a DPO or KTO run (reference: the stage's reference setting), or None with
+    LoRA and no reference set (the adapter-disabled policy is the reference).
+
+    Raises DsftError when reference cannot be loaded or its tokenizer differs from the policy's.
+    """
+    import copy
+
+    from dsft.models.load import build_model
+
+    if reference is None:
+        if config.method.type == "lora":
+            return None
+        model = copy.deepcopy(policy)  # full fine-tuning changes every weight: the start must be kept whole
+    else:
+        _check_reference_tokenizer(f"{config.stage}.reference", reference, tokenizer)
+        source = config.model.model_copy(update={"name_or_path": reference, "preset": None, "revision": None})
+        model = build_model(source, tokenizer, config.train.seed)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def reference_description(config: RunConfig, reference: str | None) -> str:
+    if reference is not None:
+        return reference
+    if config.method.type == "lora":
+        return "the policy with its LoRA adapter disabled (no second copy of the weights)"
+    return "a frozen copy of the starting model"
+
+
+def _check_reference_tokenizer(key: str, reference: str, tokenizer) -> None:
+    from dsft.data.tokenizer import load_tokenizer
+    from dsft.models.load import has_tokenizer_files
+
+    if not has_tokenizer_files(Path(reference)):
+        return  # a hub id: its tokenizer is only checked by the vocabulary size build_model sees
+    if load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
+        raise DsftError(f"{key} {reference}: its tokenizer differs from the policy's; the log-probabilities "
+                        "of the same token ids would not compare (use a model trained with the policy's tokenizer)")
+
+
 def checkpointing_mode(config: RunConfig) -> str:
     """The activation checkpointing of the run for dsft.models.kernels.enable_checkpointing."""
     return config.train.checkpointing if config.train.gradient_checkpointing else "off"

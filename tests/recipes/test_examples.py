@@ -18,6 +18,7 @@ SHORT = ["train.max_steps=3", "eval.max_samples=4"]
 OVERRIDES = {
     "quickstart": SHORT,
     "dpo_after_quickstart": SHORT,
+    "kto_after_quickstart": SHORT,
     "grpo_quickstart": [*SHORT, "data.max_samples=64"],
     "ppo_quickstart": [*SHORT, "data.max_samples=64"],
     "reward_model": SHORT,
@@ -28,7 +29,7 @@ OVERRIDES = {
     "multitask_requests": SHORT,
 }
 """Each example's --set overrides; the examples that start from runs/quickstart get model.name_or_path too."""
-FROM_QUICKSTART = ("dpo_after_quickstart", "grpo_quickstart", "ppo_quickstart")
+FROM_QUICKSTART = ("dpo_after_quickstart", "kto_after_quickstart", "grpo_quickstart", "ppo_quickstart")
 
 
 def train(example: str, out: Path, *overrides: str) -> dict:
