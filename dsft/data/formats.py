@@ -177,7 +177,7 @@ def _messages_messages(record: RawRecord, require_answer: bool, tools: tuple[Too
 
 
 _MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file")
-_MEDIA_FIELDS = ("images", "image", "audios", "audio", "videos", "video")
+MEDIA_FIELDS = ("images", "image", "audios", "audio", "videos", "video")
 """Record fields and content parts of images, audio and video (LLaMA-Factory's and OpenAI's names)."""
 
 
@@ -201,7 +201,7 @@ def _message_content(record: RawRecord, turn: dict, path: str, required: bool) -
 
 
 def _refuse_media(record: RawRecord) -> None:
-    for name in _MEDIA_FIELDS:
+    for name in MEDIA_FIELDS:
         if record.data.get(name) not in (None, [], ""):
             raise _field_error(record, name, "dsft trains text models only: records with images, audio or video "
                                              "are refused rather than read as text without them; remove the field")
