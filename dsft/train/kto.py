@@ -97,7 +97,8 @@ def run_kto(config: RunConfig, resume: bool = False, console: Console | None = N
                                                             config.train.batch_size)
     desirable = sum(row["label"] for row in train_rows)
     for line in [*data_lines(stats), f"{desirable} desirable and {len(train_rows) - desirable} undesirable answers"]:
-        console.print(f"data: {line.replace('pairs:', 'answers:')}")
+        line = line.replace("pairs:", "answers:").replace("no differing answer token", "no answer token")
+        console.print(f"data: {line}")
 
     # Policy and reference (copied before training, so the reference is the starting model).
     policy = build_model(config.model, tokenizer, config.train.seed)

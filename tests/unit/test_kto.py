@@ -84,6 +84,13 @@ def test_kto_loss_equals_its_formula(tmp_path, tokenizer, loss, desirable_weight
             if "lora_B" in name:  # a fresh adapter (B = 0) would leave the policy equal to the reference
                 parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
     batch = trainer.data_collator(rows(tokenizer))
+    # A few steps up the mismatched answers' likelihood, so the KL estimate is positive and counts (clamped at 0,
+    # a random perturbation leaves it negative).
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-summed_logps(model, batch["KL_input_ids"], batch["KL_completion_mask"], batch["KL_attention_mask"]).sum()).backward()
+        optimizer.step()
     with torch.no_grad():
         dsft_loss = trainer.compute_loss(model, dict(batch))
         sides = {}
@@ -94,6 +101,7 @@ def test_kto_loss_equals_its_formula(tmp_path, tokenizer, loss, desirable_weight
                 sides[prefix] = policy_B - summed_logps(model, *args)
     r, label = sides[""], batch["label"].bool()
     assert r.abs().max() > 0.01  # the perturbed adapter moved the policy
+    assert sides["KL_"].mean() > 0.05  # the KL term takes part
     z = sides["KL_"].mean().clamp(min=0) if loss == "kto" else torch.tensor(0.0)
     desirable = desirable_weight * (1 - torch.sigmoid(BETA * (r[label] - z)))
     undesirable = 0.7 * ((1 - torch.sigmoid(BETA * (z - r[~label]))) if loss == "kto" else torch.sigmoid(BETA * r[~label]))
