@@ -147,7 +147,7 @@ def test_every_field_has_a_docstring():
 
 def test_shipped_examples_validate(capsys):
     examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
-    assert [p.name for p in examples] == ["dpo_after_quickstart.yaml", "grpo_quickstart.yaml",
+    assert [p.name for p in examples] == ["dpo_after_quickstart.yaml", "grpo_quickstart.yaml", "kto_after_quickstart.yaml",
                                           "multitask_requests.yaml", "ner_chinese.yaml", "ner_english.yaml",
                                           "ppo_quickstart.yaml", "quickstart.yaml", "r1_distill_lora.yaml",
                                           "reward_model.yaml", "support_intent.yaml"]
