@@ -152,7 +152,7 @@ def test_shipped_examples_validate(capsys):
                                           "ppo_quickstart.yaml", "quickstart.yaml", "r1_distill_lora.yaml",
                                           "reward_model.yaml", "support_intent.yaml"]
     assert validate_files(examples)
-    assert capsys.readouterr().out.count("ok ") == 10
+    assert capsys.readouterr().out.count("ok ") == 11
 
 
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
