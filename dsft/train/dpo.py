@@ -35,16 +35,13 @@ from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, load_examples
 from dsft.data.preference_data import build_preference_datasets
-from dsft.errors import DsftError
 from dsft.eval.exact_match import score_exact_match
-from dsft.models.families import model_type_of
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
 from dsft.models.load import build_model
-from dsft.models.method import apply_method, count_parameters, fused_expert_patterns, lora_config
+from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
-    build_trainer,
     checkpoint_to_resume,
     data_fingerprints,
     format_number,
@@ -57,7 +54,7 @@ from dsft.train.packed_pairs import pack_trainer_forwards
 from dsft.train.trl_stage import (
     DsftTrlTrainer,
     WithSampleIds,
-    as_dataset,
+    build_reference_trainer,
     check_stage_config,
     checkpointing_mode,
     data_lines,
@@ -170,17 +167,8 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     args = trl_arguments(config, run_dir, bool(validation_rows), DPOConfig, beta=d.beta, loss_type=[d.loss],
                          label_smoothing=d.label_smoothing, router_aux_loss_coef=router_aux_loss_coef(policy))
     collator = WithSampleIds(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id))
-    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
-    validation = as_dataset(validation_rows, False) if validation_rows else []
-    try:
-        with fused_expert_patterns():  # TRL wraps the policy with peft_config
-            trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True),
-                                            validation, console, collator, trainer_class=PreferenceTrainer, args=args,
-                                            ref_model=reference, peft_config=peft_config, packing="own")
-    except ValueError as exc:
-        if peft_config is None or "target" not in str(exc).lower():
-            raise
-        raise DsftError(f"method.lora.target_modules: {str(exc).splitlines()[0]}") from None
+    trainer, guards = build_reference_trainer(config, run_dir, policy, reference, tokenizer, train_rows,
+                                              validation_rows, console, collator, PreferenceTrainer, args)
     if config.train.packing:
         # TRL's DPOConfig.padding_free is switched off in TRL 1.16: each batch is packed under TRL's loss instead.
         pack_trainer_forwards(trainer)

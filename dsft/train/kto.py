@@ -26,13 +26,11 @@ from dsft.data.chat import resolve_template
 from dsft.data.dataset import DataStats, load_validated
 from dsft.data.kto_data import build_kto_datasets, labelled_texts, to_labelled
 from dsft.errors import DsftError
-from dsft.models.families import model_type_of
 from dsft.models.kernels import enable_checkpointing
 from dsft.models.load import build_model
-from dsft.models.method import apply_method, count_parameters, fused_expert_patterns, lora_config
+from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
-    build_trainer,
     checkpoint_to_resume,
     data_fingerprints,
     run_summary,
@@ -42,7 +40,7 @@ from dsft.train.loop import (
 from dsft.train.trl_stage import (
     DsftTrlTrainer,
     WithSampleIds,
-    as_dataset,
+    build_reference_trainer,
     check_stage_config,
     checkpointing_mode,
     data_lines,
@@ -148,17 +146,8 @@ def build_kto_trainer(config: RunConfig, run_dir: Path, policy, reference, token
                          desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight,
                          router_aux_loss_coef=router_aux_loss_coef(policy))
     collator = WithSampleIds(DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id))
-    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
-    validation = as_dataset(validation_rows, False) if validation_rows else []
-    try:
-        with fused_expert_patterns():
-            trainer, guards = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True),
-                                            validation, console, collator, trainer_class=UnpairedPreferenceTrainer,
-                                            args=args, ref_model=reference, peft_config=peft_config, packing="own")
-    except ValueError as exc:
-        if peft_config is None or "target" not in str(exc).lower():
-            raise
-        raise DsftError(f"method.lora.target_modules: {str(exc).splitlines()[0]}") from None
+    trainer, guards = build_reference_trainer(config, run_dir, policy, reference, tokenizer, train_rows,
+                                              validation_rows, console, collator, UnpairedPreferenceTrainer, args)
     guards.progress.status_keys = {"rewards/margins": "margin", "kl": "kl"}
     return trainer, guards
 

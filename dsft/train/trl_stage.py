@@ -203,3 +203,27 @@ def data_lines(stats: DataStats) -> list[str]:
     lines = [line.replace("examples:", "pairs:", 1) for line in stats.lines()]
     return [line.replace("dropped with no trainable token left", "dropped with no differing answer token left")
             for line in lines]
+
+
+def build_reference_trainer(config: RunConfig, run_dir: Path, policy, reference, tokenizer, train_rows: list[dict],
+                            validation_rows: list[dict], console, collator, trainer_class, args):
+    """(trainer, Guards) of a stage with a reference model (DPO, KTO): TRL wraps the policy with dsft's LoRA
+    config itself (and disables that adapter for the reference pass when reference is None).
+
+    Raises DsftError when method.lora.target_modules names no module of the model.
+    """
+    from dsft.models.families import model_type_of
+    from dsft.models.method import fused_expert_patterns, lora_config
+    from dsft.train.loop import build_trainer
+
+    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
+    validation = as_dataset(validation_rows, False) if validation_rows else []
+    try:
+        with fused_expert_patterns():  # TRL wraps the policy with peft_config
+            return build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation, console,
+                                 collator, trainer_class=trainer_class, args=args, ref_model=reference,
+                                 peft_config=peft_config, packing="own")
+    except ValueError as exc:
+        if peft_config is None or "target" not in str(exc).lower():
+            raise
+        raise DsftError(f"method.lora.target_modules: {str(exc).splitlines()[0]}") from None
