@@ -212,11 +212,16 @@ def data_inspect(
     file: Annotated[Path, typer.Argument(help="A data file (jsonl, json, csv, parquet) or datasets directory.")],
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer for token lengths; default: characters.")] = None,
     samples: Annotated[int, typer.Option(help="Sample records to print.")] = 3,
+    config: Annotated[Path | None, typer.Option(help="A run config whose data.columns and data.tags name the "
+                                                     "file's fields.")] = None,
 ) -> None:
     """Counts, the format found, length statistics and sample records of a data file."""
+    from dsft.config import load_config as load_run_config
+    from dsft.data.columns import FieldMap
     from dsft.data.inspect import inspect_file
 
-    inspect_file(str(file), tokenizer, samples)
+    fields = FieldMap.of(load_run_config(config).data) if config is not None else None
+    inspect_file(str(file), tokenizer, samples, fields=fields)
 
 
 @app.command()

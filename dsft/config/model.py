@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from dsft.config.base import Section, as_list
+from dsft.config.columns import RecordField, TagsConfig, check_columns, refuse_foreign_columns
 
 
 class ModelConfig(Section):
@@ -53,6 +54,11 @@ class DataConfig(Section):
     """Fraction of the training records held out for validation (seeded by train.seed)."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     """Record format; auto detects it per file from the first record's keys."""
+    columns: dict[RecordField, str] = {}
+    """Fields named otherwise in the files, as {dsft's field: the file's field} (output: answer); the other
+    fields keep their names. A record holding both names of one field is refused."""
+    tags: TagsConfig = TagsConfig()
+    """Keys and role values inside conversation turns named otherwise (LLaMA-Factory's dataset_info tags)."""
     chat_template: Literal["auto", "tokenizer", "deepseek_v3", "deepseek_r1", "deepseek_r1_0528", "deepseek_v31"] = "auto"
     """Prompt rendering: a built-in DeepSeek template (token for token the model's own: deepseek_v3 for V3/V2.5,
     deepseek_r1 for R1 and R1-Distill, deepseek_r1_0528, deepseek_v31 for V3.1/V3.2 hybrid thinking), tokenizer
@@ -80,6 +86,8 @@ class DataConfig(Section):
     """Use at most this many training records (first ones), for quick trials."""
 
     _as_lists = field_validator("train_files", "validation_files", mode="before")(as_list)
+    _foreign_columns = field_validator("columns", mode="before")(refuse_foreign_columns)
+    _columns = field_validator("columns")(check_columns)
 
     @property
     def thinking_mode(self) -> bool | None:

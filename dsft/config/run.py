@@ -118,6 +118,10 @@ class RunConfig(Section):
             raise ValueError("task multitask needs multitask.heads")
         if self.task == "causal_lm":
             return self
+        if self.data.columns or self.data.tags.any_set():
+            section = next(name for name, task in TASK_SECTIONS.items() if task == self.task)
+            raise ValueError(f"data.columns and data.tags rename the fields of chat, text and preference records; task "
+                             f"{self.task} names the fields it reads in its {section} section: remove them")
         if self.train.pack_tokens is not None:
             raise ValueError(f"train.pack_tokens sizes the packed rows of task causal_lm; task {self.task} packs each "
                              "batch as it comes (train.batch_size sizes it): remove train.pack_tokens")

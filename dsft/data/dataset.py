@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from dsft.data.chat import Segment, check_thinking, render_conversation, render_text, resolve_template
+from dsft.data.columns import FieldMap
 from dsft.data.deepseek_layouts import LAYOUTS, tool_system_prompt
 from dsft.data.encode import IGNORE_INDEX, encode_segments, truncate
 from dsft.data.formats import Example, Message, detect_format, to_example
@@ -80,6 +81,7 @@ def load_examples(
     max_samples: int | None = None,
     *,
     require_answer: bool = True,
+    fields: FieldMap | None = None,
 ) -> list[Example]:
     """Read and validate the records of files, in order, into at most max_samples examples.
 
@@ -87,7 +89,8 @@ def load_examples(
     False accepts records without their answer (prompts to evaluate; see to_example). With on_error
     "skip" a bad record is counted in stats and skipped; with "error" it raises DsftError naming
     file:line and field. Always raises DsftError for a missing or unreadable file, and for a file
-    whose format cannot be detected. Raises ValueError for an on_error other than ON_ERROR.
+    whose format cannot be detected. Raises ValueError for an on_error other than ON_ERROR. fields renames
+    each record's fields first (data.columns, data.tags); its errors then name the file's own fields.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
@@ -96,7 +99,8 @@ def load_examples(
         if max_samples is not None and len(examples) >= max_samples:
             break
         limit = None if max_samples is None else max_samples - len(examples)
-        examples += _load_file(path, fmt, on_error == "skip", stats, system_prompt, limit, require_answer)
+        examples += _load_file(path, fmt, on_error == "skip", stats, system_prompt, limit, require_answer,
+                               fields or FieldMap())
     return examples
 
 
@@ -108,6 +112,7 @@ def _load_file(
     system_prompt: str | None,
     limit: int | None,
     require_answer: bool,
+    fields: FieldMap,
 ) -> list[Example]:
     def skip_unreadable(error: DsftError) -> None:
         stats.records_read += 1
@@ -117,14 +122,18 @@ def _load_file(
     file_format = None if fmt == "auto" else fmt
     for record in read_records(path, on_bad_record=skip_unreadable if skip_bad else None):
         stats.records_read += 1
-        if file_format is None:
-            file_format = detect_format(record)
         try:
-            examples.append(to_example(record, file_format, system_prompt, require_answer=require_answer))
+            record = fields.apply(record)
         except DsftError as error:
-            if not skip_bad:
-                raise
-            stats.add_skip(error)
+            _skip_or_raise(error, skip_bad, stats)
+            continue
+        if file_format is None:
+            file_format = detect_format(record)  # outside the try: a file of unknown layout is never skipped
+        try:
+            examples.append(_explained(fields, to_example, record, file_format, system_prompt,
+                                       require_answer=require_answer))
+        except DsftError as error:
+            _skip_or_raise(error, skip_bad, stats)
         if limit is not None and len(examples) >= limit:
             break
     return examples
@@ -133,14 +142,29 @@ def _load_file(
 T = TypeVar("T")
 
 
+def _skip_or_raise(error: DsftError, skip_bad: bool, stats: DataStats) -> None:
+    if not skip_bad:
+        raise error
+    stats.add_skip(error)
+
+
+def _explained(fields: FieldMap, read: Callable[..., T], *args, **kwargs) -> T:
+    """read(*args, **kwargs), its DsftError naming the file's own fields."""
+    try:
+        return read(*args, **kwargs)
+    except DsftError as error:
+        raise fields.explain(error) from None
+
+
 def load_validated(files: Sequence[str], validate: Callable[[RawRecord], T], on_error: str, stats: DataStats,
-                   max_samples: int | None = None) -> list[T]:
+                   max_samples: int | None = None, fields: FieldMap | None = None) -> list[T]:
     """validate(record) for each record of files in order, at most max_samples results; the record readers of
     the head tasks and preference data. on_error "error" raises the first bad record's DsftError (naming
-    file:line), "skip" counts it in stats. Raises ValueError for an on_error other than ON_ERROR."""
+    file:line), "skip" counts it in stats. Raises ValueError for an on_error other than ON_ERROR. fields
+    renames each record first, as in load_examples."""
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    skip_bad = on_error == "skip"
+    skip_bad, fields = on_error == "skip", fields or FieldMap()
 
     def skip_unreadable(error: DsftError) -> None:
         stats.records_read += 1
@@ -153,20 +177,19 @@ def load_validated(files: Sequence[str], validate: Callable[[RawRecord], T], on_
                 return results
             stats.records_read += 1
             try:
-                results.append(validate(record))
+                results.append(_explained(fields, validate, fields.apply(record)))
             except DsftError as error:
-                if not skip_bad:
-                    raise
-                stats.add_skip(error)
+                _skip_or_raise(error, skip_bad, stats)
     return results
 
 
 def load_splits(data: DataConfig, validate: Callable[[RawRecord], T], stats: DataStats, seed: int) -> tuple[list[T], list[T]]:
     """(train, validation) validated records: data.train_files (at most data.max_samples), validation from
     data.validation_files or a seeded data.validation_ratio share of train; on_error as load_validated."""
-    train = load_validated(data.train_files, validate, data.on_error, stats, data.max_samples)
+    fields = FieldMap.of(data)
+    train = load_validated(data.train_files, validate, data.on_error, stats, data.max_samples, fields)
     if data.validation_files:
-        return train, load_validated(data.validation_files, validate, data.on_error, stats)
+        return train, load_validated(data.validation_files, validate, data.on_error, stats, fields=fields)
     if data.validation_ratio > 0:
         return _split_validation(train, data.validation_ratio, seed)
     return train, []
@@ -183,12 +206,13 @@ def build_sft_datasets(data: DataConfig, tokenizer, seed: int) -> tuple[list[dic
     template = resolve_template(data.chat_template, tokenizer)
     check_thinking(template, data.thinking_mode)  # before any record is read
     train_examples = load_examples(
-        data.train_files, data.format, data.on_error, stats, data.system_prompt, data.max_samples
+        data.train_files, data.format, data.on_error, stats, data.system_prompt, data.max_samples,
+        fields=FieldMap.of(data),
     )
     validation_examples: list[Example] = []
     if data.validation_files:
         validation_examples = load_examples(
-            data.validation_files, data.format, data.on_error, stats, data.system_prompt
+            data.validation_files, data.format, data.on_error, stats, data.system_prompt, fields=FieldMap.of(data)
         )
     elif data.validation_ratio > 0:
         train_examples, validation_examples = _split_validation(train_examples, data.validation_ratio, seed)

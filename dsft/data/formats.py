@@ -84,7 +84,7 @@ def detect_format(record: RawRecord) -> str:
     expected = "; ".join(f"{fmt} ({fields})" for fmt, fields in _FORMAT_FIELDS.items())
     raise DsftError(
         f"{record.source}: cannot tell the data format from the record's keys ({found}); "
-        f"expected one of: {expected}; or set data.format"
+        f"expected one of: {expected}; or set data.format, and data.columns for fields named otherwise"
     )
 
 

@@ -10,10 +10,12 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_validated
 from dsft.data.fields import record_text
 from dsft.data.formats import MEDIA_FIELDS, detect_format
-from dsft.data.read import read_records
+from dsft.data.read import RawRecord, read_records
+from dsft.errors import DsftError
 
 
 def _percentile(sorted_values: list[int], share: float) -> int:
@@ -69,22 +71,26 @@ def _validator(layout: str, fmt: str | None):
     return lambda record: to_example(record, fmt, require_answer=False)
 
 
-def inspect_file(path: str, tokenizer_path: str | None = None, samples: int = 3, console: Console | None = None) -> dict:
-    """Summarize a data file; bad records are counted (with their file:line), not fatal."""
-    console = console or Console(soft_wrap=True)
+def inspect_file(path: str, tokenizer_path: str | None = None, samples: int = 3, console: Console | None = None,
+                 fields: FieldMap | None = None) -> dict:
+    """Summarize a data file; bad records are counted (with their file:line), not fatal. fields renames each record
+    first (a run config's data.columns and data.tags)."""
+    console, fields = console or Console(soft_wrap=True), fields or FieldMap()
     tokenizer = None
     if tokenizer_path:
         from dsft.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
     first = next(iter(read_records(path)), None)
+    first = fields.apply(first) if first is not None else None
     layout = layout_of(first.data, None) if first is not None else None
     fmt = detect_format(first) if first is not None and layout not in ("preference pairs", "unpaired preference",
                                                                           "images") else None
     layout = layout_of(first.data, fmt) if first is not None else None
     stats = DataStats()
-    valid = len(load_validated([path], _validator(layout, fmt), "skip", stats)) if layout not in (None, "images") else 0
-    records = [r.data for r in read_records(path, on_bad_record=lambda error: None)]
+    valid = len(load_validated([path], _validator(layout, fmt), "skip", stats, fields=fields)) \
+        if layout not in (None, "images") else 0
+    records = [_renamed_or_raw(r, fields) for r in read_records(path, on_bad_record=lambda error: None)]
     texts = [record_text(record, fmt) if fmt else json.dumps(record, ensure_ascii=False) for record in records]
     unit = "tokens" if tokenizer else "characters"
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) if tokenizer else len(t) for t in texts]
@@ -93,6 +99,13 @@ def inspect_file(path: str, tokenizer_path: str | None = None, samples: int = 3,
                "keys": dict(Counter(key for record in records for key in record))}
     _print(summary, records[:samples], console)
     return summary
+
+
+def _renamed_or_raw(record: RawRecord, fields: FieldMap) -> dict:
+    try:
+        return fields.apply(record).data
+    except DsftError:
+        return record.data  # counted as bad by load_validated; its length is still the file's
 
 
 def _print(summary: dict, samples: list[dict], console: Console) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dsft.data.chat import render_conversation, shared_thinking
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_splits, load_validated
 from dsft.data.encode import IGNORE_INDEX, encode_segments
 from dsft.data.formats import Message
@@ -39,14 +40,14 @@ class EncodedPair:
 
 
 def load_pairs(files: Sequence[str], on_error: str, stats: DataStats, system_prompt: str | None = None,
-               max_samples: int | None = None) -> list[PreferencePair]:
+               max_samples: int | None = None, fields: FieldMap | None = None) -> list[PreferencePair]:
     """Read and validate the preference records of files, in order, into at most max_samples pairs.
 
     With on_error "skip" a bad record is counted in stats and skipped; with "error" it raises DsftError
     naming file:line and field. Always raises DsftError for a missing or unreadable file; ValueError for
-    an on_error other than ON_ERROR.
+    an on_error other than ON_ERROR. fields renames each record first (data.columns, data.tags).
     """
-    return load_validated(files, lambda record: to_pair(record, system_prompt), on_error, stats, max_samples)
+    return load_validated(files, lambda record: to_pair(record, system_prompt), on_error, stats, max_samples, fields)
 
 
 def pair_texts(pairs: Sequence[PreferencePair]) -> Iterator[str]:

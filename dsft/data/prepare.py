@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dsft.data.balance import class_distribution, rebalance_indices
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats
 from dsft.data.dedup import DuplicateFinder
 from dsft.data.fields import record_text
@@ -26,7 +27,7 @@ from dsft.data.formats import detect_format, to_example
 from dsft.data.prepare_config import AugmentStep, BalanceStep, DedupStep, PrepareConfig
 from dsft.data.prepare_report import write_prepare_report
 from dsft.data.prepare_steps import RecordPipeline
-from dsft.data.read import read_records
+from dsft.data.read import RawRecord, read_records
 from dsft.data.split import find_contamination, split_indices
 from dsft.errors import DsftError
 
@@ -78,6 +79,7 @@ def _read(config: PrepareConfig, cache_dir: str):
     from datasets.exceptions import DatasetGenerationError
 
     stats, counts, fmt_box = DataStats(), Counter(), {"format": None if config.format == "auto" else config.format}
+    fields = FieldMap.of(config)
 
     def generate():
         for path in config.inputs:
@@ -88,10 +90,9 @@ def _read(config: PrepareConfig, cache_dir: str):
 
             for record in read_records(path, on_bad_record=unreadable if config.on_error == "skip" else None):
                 counts[path] += 1
-                if fmt_box["format"] is None:
-                    fmt_box["format"] = detect_format(record)
-                if _valid(record, fmt_box["format"], config, stats):
-                    yield {"record": json.dumps(record.data, ensure_ascii=False), "source": record.source}
+                renamed = _valid(record, fmt_box, fields, config, stats)
+                if renamed is not None:
+                    yield {"record": json.dumps(renamed.data, ensure_ascii=False), "source": renamed.source}
 
     # writer_batch_size bounds the records held in memory before they go to the Arrow file.
     try:
@@ -112,15 +113,25 @@ def _read(config: PrepareConfig, cache_dir: str):
     return table, fmt_box["format"], report
 
 
-def _valid(record, fmt: str, config: PrepareConfig, stats: DataStats) -> bool:
+def _valid(record: RawRecord, fmt_box: dict, fields: FieldMap, config: PrepareConfig, stats: DataStats) -> RawRecord | None:
+    """record in dsft's field names when it is valid (the first one sets fmt_box's format); None: skipped."""
     try:
-        to_example(record, fmt)
-        return True
+        record = fields.apply(record)
     except DsftError as error:
-        if config.on_error != "skip":
-            raise
-        stats.add_skip(error)
-        return False
+        return _skip(error, config, stats)
+    if fmt_box["format"] is None:
+        fmt_box["format"] = detect_format(record)  # a file of unknown layout is an error even with on_error skip
+    try:
+        to_example(record, fmt_box["format"])
+    except DsftError as error:
+        return _skip(fields.explain(error), config, stats)
+    return record
+
+
+def _skip(error: DsftError, config: PrepareConfig, stats: DataStats) -> None:
+    if config.on_error != "skip":
+        raise error
+    stats.add_skip(error)
 
 
 def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dict):

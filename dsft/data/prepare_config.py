@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dsft.config.base import Section, as_list
+from dsft.config.columns import RecordField, TagsConfig, check_columns, refuse_foreign_columns
 
 PII_KINDS = ("email", "phone", "cn_id", "bank_card", "ip")
 
@@ -186,6 +187,10 @@ class PrepareConfig(Section):
     """Raw data files (jsonl, json, csv, parquet, datasets dirs); never modified."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     """Record format; auto detects it from the first record."""
+    columns: dict[RecordField, str] = {}
+    """Fields named otherwise in the inputs, as {dsft's field: the file's field}; the prepared files use dsft's."""
+    tags: TagsConfig = TagsConfig()
+    """Keys and role values inside conversation turns named otherwise (LLaMA-Factory's dataset_info tags)."""
     on_error: Literal["error", "skip"] = "error"
     """Bad records: error stops with file:line; skip drops and counts them."""
     tokenizer: str | None = None
@@ -206,3 +211,5 @@ class PrepareConfig(Section):
     """Records held in memory at a time while streaming."""
 
     _as_lists = field_validator("inputs", mode="before")(as_list)
+    _foreign_columns = field_validator("columns", mode="before")(refuse_foreign_columns)
+    _columns = field_validator("columns")(check_columns)

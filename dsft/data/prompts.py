@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dsft.config import DataConfig
 from dsft.data.chat import render_prompt
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_optional
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Message
@@ -49,7 +50,7 @@ def load_rl_prompts(data: DataConfig, tokenizer, template: str, stats: DataStats
         raise DsftError("data.validation_files / data.validation_ratio: the RL stages hold no validation loss; "
                         "put held-out prompts with answers in eval.generate_files")
     examples = load_examples(data.train_files, data.format, data.on_error, stats, data.system_prompt,
-                             data.max_samples, require_answer=False)
+                             data.max_samples, require_answer=False, fields=FieldMap.of(data))
     prompts: list[RlPrompt] = []
     for example in examples:
         messages, reference = split_prompt_reference_optional(example)
@@ -71,7 +72,7 @@ def prompt_texts(data: DataConfig):
     """Every string of the prompt data (messages and references), for training a preset's tokenizer."""
     stats = DataStats()
     for example in load_examples(data.train_files, data.format, data.on_error, stats, data.system_prompt,
-                                 data.max_samples, require_answer=False):
+                                 data.max_samples, require_answer=False, fields=FieldMap.of(data)):
         for message in example.messages:
             yield message.content
             if message.reasoning:

@@ -18,6 +18,7 @@ from dsft import __version__
 from dsft.config import EvalConfig
 from dsft.config.eval import eval_settings
 from dsft.data.chat import render_conversation, render_prompt, render_text
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_examples, split_prompt_reference_optional
 from dsft.data.encode import encode_segments
 from dsft.data.formats import Example, Message
@@ -76,7 +77,8 @@ def run_eval(
     target = _on_device(load_target(target_path))
     settings = eval_settings(target.config.eval if target.config else EvalConfig(), overrides)
     data_format = target.config.data.format if target.config else "auto"
-    examples = load_examples([data_path], data_format, "error", DataStats(), require_answer=False)
+    fields = FieldMap.of(target.config.data) if target.config else FieldMap()
+    examples = load_examples([data_path], data_format, "error", DataStats(), require_answer=False, fields=fields)
     items = [_item(i, example) for i, example in enumerate(examples)][: settings.max_samples]
     out = Path(out_dir) if out_dir else _default_out_dir(target_path)
     out.mkdir(parents=True, exist_ok=True)

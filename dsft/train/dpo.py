@@ -33,6 +33,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_examples
 from dsft.data.preference_data import build_preference_datasets
 from dsft.eval.exact_match import score_exact_match
@@ -193,7 +194,8 @@ def _exact_match(model, tokenizer, config: RunConfig, console: Console, when: st
     if not config.eval.generate_files:
         return None
     data, stats = config.data, DataStats()
-    examples = load_examples(config.eval.generate_files, data.format, data.on_error, stats, data.system_prompt)
+    examples = load_examples(config.eval.generate_files, data.format, data.on_error, stats, data.system_prompt,
+                             fields=FieldMap.of(data))
     examples = [e for e in examples if e.messages and e.messages[-1].role == "assistant"][: config.eval.max_samples]
     settings = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
     result = score_exact_match(model, tokenizer, examples, data.chat_template, settings, config.eval.batch_size,

@@ -23,6 +23,7 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_validated
 from dsft.data.kto_data import build_kto_datasets, labelled_texts, to_labelled
 from dsft.errors import DsftError
@@ -133,7 +134,7 @@ def run_kto(config: RunConfig, resume: bool = False, console: Console | None = N
 def _texts(config: RunConfig):
     data = config.data
     answers = load_validated(data.train_files, lambda record: to_labelled(record, data.system_prompt),
-                             data.on_error, DataStats(), data.max_samples)
+                             data.on_error, DataStats(), data.max_samples, FieldMap.of(data))
     yield from labelled_texts(answers)
 
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsft.config import RunConfig
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, load_examples
 from dsft.errors import DsftError
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
@@ -51,7 +52,7 @@ def held_out_examples(config: RunConfig, console: Console) -> list:
         return []
     stats = DataStats()
     examples = load_examples(config.eval.generate_files, config.data.format, config.data.on_error, stats,
-                             config.data.system_prompt)
+                             config.data.system_prompt, fields=FieldMap.of(config.data))
     if stats.skipped_bad:
         console.print(f"eval data: skipped {stats.skipped_bad} bad records")
     return examples[: config.eval.max_samples] if config.eval.max_samples else examples

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from dsft.config import RunConfig
 from dsft.data.chat import resolve_template
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats, build_sft_datasets, example_texts, load_examples
 from dsft.data.packing import PackedCollator
 from dsft.eval.exact_match import ExactMatchResult, score_exact_match
@@ -115,7 +116,8 @@ def run_sft(
 def _training_texts(config: RunConfig):
     """Every string of the training data, for training a preset's tokenizer."""
     data = config.data
-    for example in load_examples(data.train_files, data.format, data.on_error, DataStats(), data.system_prompt, data.max_samples):
+    for example in load_examples(data.train_files, data.format, data.on_error, DataStats(), data.system_prompt,
+                                 data.max_samples, fields=FieldMap.of(data)):
         yield from example_texts(example, data.chat_template)
 
 
@@ -123,7 +125,8 @@ def _generation_examples(config: RunConfig, console: Console) -> list:
     if not config.eval.generate_files:
         return []
     stats = DataStats()
-    examples = load_examples(config.eval.generate_files, config.data.format, config.data.on_error, stats, config.data.system_prompt)
+    examples = load_examples(config.eval.generate_files, config.data.format, config.data.on_error, stats,
+                             config.data.system_prompt, fields=FieldMap.of(config.data))
     if stats.skipped_bad:
         console.print(f"eval data: skipped {stats.skipped_bad} bad records")
     return examples[: config.eval.max_samples] if config.eval.max_samples else examples

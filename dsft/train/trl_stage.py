@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsft.config import RunConfig
+from dsft.data.columns import FieldMap
 from dsft.data.dataset import DataStats
 from dsft.data.preference_data import load_pairs, pair_texts
 from dsft.errors import DsftError
@@ -164,7 +165,8 @@ def checkpointing_mode(config: RunConfig) -> str:
 def training_texts(config: RunConfig):
     """Every string of the training pairs, for training a preset's tokenizer."""
     data = config.data
-    yield from pair_texts(load_pairs(data.train_files, data.on_error, DataStats(), data.system_prompt, data.max_samples))
+    yield from pair_texts(load_pairs(data.train_files, data.on_error, DataStats(), data.system_prompt, data.max_samples,
+                                     FieldMap.of(data)))
 
 
 def check_stage_config(config: RunConfig) -> None:

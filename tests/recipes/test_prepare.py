@@ -186,3 +186,13 @@ def test_an_output_that_would_replace_an_input_is_refused(tmp_path):
     with pytest.raises(DsftError, match="would write over the input"):
         run_prepare(PrepareConfig.model_validate(config))
     assert train.read_bytes() == before
+
+
+def test_inputs_with_their_own_field_names_prepare_into_the_same_records(prepared, tmp_path):
+    renamed = [{"question" if key == "instruction" else "reply" if key == "output" else key: value
+                for key, value in row.items()} for row in RAW]
+    raw = write_raw(tmp_path, renamed)
+    config = prepare_config(tmp_path, raw, columns={"instruction": "question", "output": "reply"})
+    report = run_prepare(load_yaml_model(config, PrepareConfig))
+    assert report["records_in"] == len(RAW) and report["format"] == "alpaca"
+    assert outputs(tmp_path / "out") == outputs(prepared[0])  # written in dsft's field names

@@ -41,7 +41,7 @@ def test_detect_format_unknown_keys():
     assert str(info.value) == (
         "data/train.jsonl:7: cannot tell the data format from the record's keys (prompt, completion); "
         "expected one of: alpaca (instruction, output); messages (messages); sharegpt (conversations); "
-        "text (text); or set data.format"
+        "text (text); or set data.format, and data.columns for fields named otherwise"
     )
 
 

@@ -33,3 +33,17 @@ def test_each_layout_is_named_with_what_dsft_does(tmp_path, layout):
     assert (summary["layout"], summary["dsft_does"]) == (layout, LAYOUTS[layout])
     expected_valid = 0 if layout == "images" else len(CASES[layout])
     assert summary["valid"] == expected_valid and summary["records"] == (len(records) if layout != "images" else 0)
+
+
+def test_a_field_map_reads_a_file_in_its_own_names(tmp_path):
+    from dsft.config.columns import TagsConfig
+    from dsft.data.columns import FieldMap
+
+    path = tmp_path / "own.jsonl"
+    path.write_text(json.dumps({"dialog": [{"who": "client", "said": "q"}, {"who": "agent", "said": "a"}],
+                                "good": True}) + "\n", encoding="utf-8")
+    fields = FieldMap({"messages": "dialog", "label": "good"},
+                      TagsConfig(role_tag="who", content_tag="said", user_tag="client", assistant_tag="agent"))
+    summary = inspect_file(str(path), console=Console(quiet=True), fields=fields)
+    assert (summary["layout"], summary["valid"], summary["bad"]) == ("unpaired preference", 1, 0)
+    assert summary["keys"] == {"messages": 1, "label": 1}
