@@ -15,18 +15,27 @@ class RewardModelConfig(Section):
     """Coefficient of a penalty on the squared mean reward, keeping rewards centred on 0 (TRL); none: off."""
 
 
+SIMPO_GAMMA = 0.5
+"""dpo.simpo_gamma's default, TRL's CPOConfig's."""
+
+
 class DpoConfig(Section):
     beta: float = Field(0.1, gt=0)
     """Strength of the pull toward the reference model: higher stays closer to it."""
     loss: Literal["sigmoid", "ipo", "robust", "hinge", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
-                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"] = "sigmoid"
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "simpo", "orpo"] = "sigmoid"
     """The DPO-family loss TRL computes: sigmoid (DPO); ipo (IPO's squared loss, per-token log-ratios: no
     overfitting to deterministic preferences); robust (DPO robust to label_smoothing's share of flipped labels);
     hinge (SLiC's hinge on the margin); sigmoid_norm (DPO on per-token log-ratios, as SimPO normalizes by
     length, with the reference kept); exo_pair (EXO, label_smoothing > 0); nca_pair (NCA); bco_pair (BCO);
     sppo_hard (SPPO with hard labels); aot and aot_unpaired (alignment by optimal transport); apo_zero and
     apo_down (anchored preference optimization: chosen better, or worse, than the model's own answers);
-    discopop (DiscoPOP, discopop_tau 0.05)."""
+    discopop (DiscoPOP, discopop_tau 0.05); without a reference model, on each answer's mean token log-probability:
+    simpo (SimPO: beta x the margin of the means against simpo_gamma; its paper uses beta 2 to 2.5) and orpo
+    (ORPO: the chosen answer's NLL plus beta x the log odds ratio loss; beta is its lambda, 0.1)."""
+    simpo_gamma: float = Field(SIMPO_GAMMA, ge=0.0)
+    """SimPO's target reward margin gamma (loss simpo only): the chosen answer's scaled mean log-probability
+    should beat the rejected one's by this much."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Assumed share of preference pairs whose labels are flipped (losses robust, exo_pair, aot, aot_unpaired)."""
     reference: str | None = None
@@ -35,11 +44,15 @@ class DpoConfig(Section):
 
     @model_validator(mode="after")
     def _smoothing_where_it_applies(self) -> DpoConfig:
-        smoothed = ("robust", "exo_pair", "aot", "aot_unpaired")
+        smoothed = ("robust", "exo_pair", "aot", "aot_unpaired", "simpo")
         if self.label_smoothing and self.loss not in smoothed:
             raise ValueError(f"dpo.label_smoothing applies to losses {', '.join(smoothed)} only (loss is {self.loss!r})")
         if self.loss == "exo_pair" and not self.label_smoothing:
             raise ValueError("dpo.loss exo_pair needs dpo.label_smoothing > 0 (its target distribution; 1e-3 is usual)")
+        if self.simpo_gamma != SIMPO_GAMMA and self.loss != "simpo":  # not fields_set: a saved config writes it
+            raise ValueError(f"dpo.simpo_gamma applies to loss simpo only (loss is {self.loss!r})")
+        if self.reference is not None and self.loss in ("simpo", "orpo"):
+            raise ValueError(f"dpo.loss {self.loss} uses no reference model; remove dpo.reference")
         return self
 
 

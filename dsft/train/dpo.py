@@ -1,8 +1,9 @@
 """Direct preference optimization, top to bottom: config -> tokenizer -> pairs -> policy and reference -> trainer
 -> run directory.
 
-TRL's DPOTrainer computes the loss (dpo.loss sigmoid, ipo or robust, with dpo.beta and dpo.label_smoothing) from
-the summed log-probabilities of each answer's tokens under the policy and the reference. The reference is:
+TRL's DPOTrainer computes the loss (dpo.loss: its DPO-family losses, with dpo.beta and dpo.label_smoothing) from
+the summed log-probabilities of each answer's tokens under the policy and the reference; simpo and orpo use no
+reference and train through reference_free.py (LoRA wrapped by dsft, no reference pass). The reference is:
 - with LoRA, the policy with its adapter disabled: TRL wraps the model with dsft's LoRA config itself and, given
   no reference model, runs the reference pass with the adapter switched off, so no second copy of the weights
   exists (a model handed over already wrapped would get a copied "ref" adapter instead);
@@ -43,18 +44,22 @@ from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
+    build_trainer,
     checkpoint_to_resume,
     data_fingerprints,
     format_number,
     run_summary,
     save_model,
     train_guarded,
+    training_arguments,
     use_packed_attention,
 )
 from dsft.train.packed_pairs import pack_trainer_forwards
+from dsft.train.reference_free import REFERENCE_FREE_LOSSES, ReferenceFreeTrainer
 from dsft.train.trl_stage import (
     DsftTrlTrainer,
     WithSampleIds,
+    as_dataset,
     build_reference_trainer,
     check_stage_config,
     checkpointing_mode,
@@ -116,8 +121,8 @@ def run_dpo(
     rd.save_preset_base_for_lora(policy, config, run_dir)
     reference = build_reference(config, policy, tokenizer)
     console.print(f"reference: {describe_reference(config)}")
-    if config.method.type == "freeze":
-        policy = apply_method(policy, config.method)
+    if config.method.type == "freeze" or (config.dpo.loss in REFERENCE_FREE_LOSSES and config.method.type == "lora"):
+        policy = apply_method(policy, config.method)  # TRL's DPOTrainer wraps LoRA itself; the losses without one do not
     enable_checkpointing(policy, checkpointing_mode(config))
 
     # Train.
@@ -149,11 +154,15 @@ def run_dpo(
 
 
 def build_reference(config: RunConfig, policy, tokenizer):
-    """The frozen reference model of dpo.reference (trl_stage.reference_model)."""
+    """The frozen reference model of dpo.reference (trl_stage.reference_model); None for the losses without one."""
+    if config.dpo.loss in REFERENCE_FREE_LOSSES:
+        return None
     return reference_model(config, policy, tokenizer, config.dpo.reference)
 
 
 def describe_reference(config: RunConfig) -> str:
+    if config.dpo.loss in REFERENCE_FREE_LOSSES:
+        return f"none (loss {config.dpo.loss} scores answers by the policy's mean token log-probability alone)"
     return reference_description(config, config.dpo.reference)
 
 
@@ -165,11 +174,15 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
     Raises DsftError when method.lora.target_modules names no module of the model.
     """
     d = config.dpo
-    args = trl_arguments(config, run_dir, bool(validation_rows), DPOConfig, beta=d.beta, loss_type=[d.loss],
-                         label_smoothing=d.label_smoothing, router_aux_loss_coef=router_aux_loss_coef(policy))
     collator = WithSampleIds(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id))
-    trainer, guards = build_reference_trainer(config, run_dir, policy, reference, tokenizer, train_rows,
-                                              validation_rows, console, collator, PreferenceTrainer, args)
+    if d.loss in REFERENCE_FREE_LOSSES:
+        trainer, guards = _reference_free_trainer(config, run_dir, policy, tokenizer, train_rows, validation_rows,
+                                                  console, collator)
+    else:
+        args = trl_arguments(config, run_dir, bool(validation_rows), DPOConfig, beta=d.beta, loss_type=[d.loss],
+                             label_smoothing=d.label_smoothing, router_aux_loss_coef=router_aux_loss_coef(policy))
+        trainer, guards = build_reference_trainer(config, run_dir, policy, reference, tokenizer, train_rows,
+                                                  validation_rows, console, collator, PreferenceTrainer, args)
     if config.train.packing:
         # TRL's DPOConfig.padding_free is switched off in TRL 1.16: each batch is packed under TRL's loss instead.
         pack_trainer_forwards(trainer)
@@ -178,6 +191,18 @@ def build_dpo_trainer(config: RunConfig, run_dir: Path, policy, reference, token
                       f"rejected sequences, no padding ({attention})")
     guards.progress.status_keys = {"rewards/margins": "margin", "rewards/accuracies": "acc"}
     return trainer, guards
+
+
+def _reference_free_trainer(config: RunConfig, run_dir: Path, policy, tokenizer, train_rows: list[dict],
+                            validation_rows: list[dict], console: Console, collator):
+    """(ReferenceFreeTrainer, Guards) for dpo.loss simpo or orpo; policy comes wrapped for its method already."""
+    d = config.dpo
+    args = training_arguments(config.train, run_dir, bool(validation_rows))
+    validation = as_dataset(validation_rows, False) if validation_rows else []
+    return build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation, console,
+                         collator, trainer_class=ReferenceFreeTrainer, args=args, packing="own",
+                         preference_loss=d.loss, beta=d.beta, simpo_gamma=d.simpo_gamma,
+                         label_smoothing=d.label_smoothing, router_aux_loss_coef=router_aux_loss_coef(policy))
 
 
 def _evaluate(trainer, console: Console, when: str) -> dict:
