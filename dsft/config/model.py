@@ -115,6 +115,19 @@ class LoraConfig(Section):
     """Modules trained in full and saved beside the adapter (e.g. lm_head, embed_tokens)."""
 
 
+class QloraConfig(Section):
+    bits: Literal[4, 8] = 4
+    """Bits per frozen base weight: 4 (QLoRA, bitsandbytes' 4-bit) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (normal float, QLoRA's, for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """Quantize the per-block scales as well (QLoRA's double quantization, about 0.37 bits per weight saved)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the quantized layers dequantize to and compute in; auto: model.dtype as resolved."""
+    skip_modules: list[str] = []
+    """Module names kept unquantized (besides the output head, always kept), e.g. a layer sensitive to rounding."""
+
+
 class FreezeConfig(Section):
     trainable_layers: int = Field(2, ge=0)
     """Number of top decoder layers to train; the rest stay frozen."""
@@ -129,24 +142,39 @@ class UnfreezeStep(Section):
     """Top decoder layers that train from this step on, counted from the top; all: every layer and the embeddings."""
 
 
+ADAPTER_METHODS = ("lora", "qlora")
+"""method.type values that train a PEFT adapter on a frozen base."""
+SECTION_TYPES = {"lora": ADAPTER_METHODS, "qlora": ("qlora",), "freeze": ("freeze",)}
+"""The method.type values each method section applies to (dump_config writes only those)."""
+
+
 class MethodConfig(Section):
-    type: Literal["full", "lora", "freeze"] = "lora"
-    """full: every weight; lora: PEFT LoRA adapter; freeze: only the top layers and the head."""
+    type: Literal["full", "lora", "qlora", "freeze"] = "lora"
+    """full: every weight; lora: PEFT LoRA adapter; qlora: a LoRA adapter on a base frozen in 4 or 8 bits
+    (bitsandbytes); freeze: only the top layers and the head."""
     lora: LoraConfig = LoraConfig()
-    """Settings for type lora."""
+    """Settings for types lora and qlora."""
+    qlora: QloraConfig = QloraConfig()
+    """How type qlora quantizes the frozen base."""
     freeze: FreezeConfig = FreezeConfig()
     """Settings for type freeze."""
     unfreeze: list[UnfreezeStep] = []
     """Progressive unfreezing (types full and lora): the head (and final norm) trains from the start, each entry
     adds top decoder layers from its step on, e.g. [{step: 0, layers: 0}, {step: 100, layers: 4}, {step: 300, layers: all}]."""
 
+    @property
+    def adapter(self) -> bool:
+        """Whether the method trains a PEFT adapter on a frozen base (lora, qlora) and saves only the adapter."""
+        return self.type in ADAPTER_METHODS
+
     @model_validator(mode="after")
     def _settings_match_type(self) -> MethodConfig:
-        for other in ("lora", "freeze"):
-            if other in self.model_fields_set and self.type != other:
+        for other in ("lora", "qlora", "freeze"):
+            if other in self.model_fields_set and self.type not in SECTION_TYPES[other]:
                 raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
-        if self.unfreeze and self.type == "freeze":
-            raise ValueError("method.unfreeze works with method.type full or lora; type freeze keeps a fixed set")
+        if self.unfreeze and self.type in ("freeze", "qlora"):
+            raise ValueError(f"method.unfreeze works with method.type full or lora; type {self.type} keeps a fixed set"
+                             + (" (its base weights are quantized: they cannot train)" if self.type == "qlora" else ""))
         steps = [entry.step for entry in self.unfreeze]
         layers = [float("inf") if entry.layers == "all" else entry.layers for entry in self.unfreeze]
         if steps != sorted(set(steps)) or layers != sorted(layers):

@@ -32,7 +32,7 @@ from dsft.config.loader import (
     read_text,
     where,
 )
-from dsft.config.model import DataConfig, MethodConfig, ModelConfig
+from dsft.config.model import SECTION_TYPES, DataConfig, MethodConfig, ModelConfig
 from dsft.config.preference import DpoConfig, GrpoConfig, KtoConfig, PpoConfig, RewardModelConfig
 from dsft.config.tasks import ClassifyConfig, MultitaskConfig, TokenClassifyConfig
 from dsft.config.train import TrainConfig
@@ -116,6 +116,8 @@ class RunConfig(Section):
             raise ValueError(f"stage {self.stage} trains a causal LM; task must be causal_lm (got {self.task!r})")
         if self.task == "multitask" and not self.multitask.heads:
             raise ValueError("task multitask needs multitask.heads")
+        if self.task == "multitask" and self.method.type == "qlora":
+            raise ValueError("task multitask does not train on a quantized base yet: method.type lora, full or freeze")
         if self.task == "causal_lm":
             return self
         if self.data.columns or self.data.tags.any_set():
@@ -220,9 +222,9 @@ def dump_config(config: RunConfig) -> str:
     is written only as its reference, or as null.
     """
     raw = config.model_dump(mode="json")
-    for other in ("lora", "freeze"):
-        if other != config.method.type:
-            del raw["method"][other]
+    for section, types in SECTION_TYPES.items():
+        if config.method.type not in types:
+            del raw["method"][section]
     for section, task in TASK_SECTIONS.items():
         if config.task != task and not config.stages:
             del raw[section]

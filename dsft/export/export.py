@@ -147,13 +147,17 @@ def _write_merged(run_dir: Path, config: RunConfig, staging: Path, max_shard_byt
     # A classifier run keeps its model's config.json (labels, head size) beside the adapter; else the base's is it.
     model_config_dir = run_dir if (run_dir / "config.json").is_file() else base_dir
     model_config = json.loads((model_config_dir / "config.json").read_text(encoding="utf-8"))
+    rebuilt = quantized_base(run_dir, config)
+    if rebuilt is not None:
+        model_config.pop("quantization_config", None)  # a qlora classifier's config.json: the merge writes floats
     if "quantization_config" in model_config:
         raise DsftError(f"{model_config_dir / 'config.json'}: the base is quantized "
                         f"({model_config['quantization_config'].get('quant_method', 'unknown method')}); dsft merges "
                         "into float weights only: export without --merge")
     auto_class = auto_model_class(run_task(config))
     with closing(MergeSources(run_dir)) as sources:
-        plan = plan_merge(base_dir, run_dir, model_config_dir, auto_class, sources, dtype, config.model.trust_remote_code)
+        plan = plan_merge(base_dir, run_dir, model_config_dir, auto_class, sources, dtype, config.model.trust_remote_code,
+                          rebuilt)
         summary = write_shards(plan.tensors, staging, max_shard_bytes)
     if plan.untied:
         model_config["tie_word_embeddings"] = False  # the adapter changed one side of the tied pair only
@@ -161,6 +165,24 @@ def _write_merged(run_dir: Path, config: RunConfig, staging: Path, max_shard_byt
     _copy_files(base_dir, staging, ("generation_config.json",))
     _set_config_dtype(staging, dtype)
     return {**summary, "base_model": str(base_dir), "untied": plan.untied, "dropped": plan.dropped}
+
+
+def quantized_base(run_dir: Path, config: RunConfig):
+    """For a qlora run, how the merge rebuilds each quantized base weight as training saw it (quantization.json);
+    None for other runs."""
+    if config.method.type != "qlora":
+        return None
+    from dsft.models.quantize import QUANTIZATION_FILE, require_bitsandbytes, round_trip
+
+    require_bitsandbytes()
+    path = run_dir / QUANTIZATION_FILE
+    if not path.is_file():
+        raise DsftError(f"{path}: missing; a qlora run records which base weights it quantized there, and a merge "
+                        "rebuilds them from it")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    dtype = getattr(torch, record["dtype"])
+    return {key: (lambda weight, size=size: round_trip(weight.to(dtype), record["qlora"], size))
+            for key, size in record["weights"].items()}
 
 
 def _write_adapter(run_dir: Path, config: RunConfig, staging: Path, out_dir: Path, max_shard_bytes: int, dtype) -> dict:

@@ -14,6 +14,7 @@ add the update to both sides).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +70,12 @@ class MergeSources:
 
 
 def plan_merge(base_dir: Path, adapter_dir: Path, model_config_dir: Path, auto_class, sources: MergeSources,
-               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> MergePlan:
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               rebuilt: dict[str, Callable] | None = None) -> MergePlan:
     """The merged model's tensors (base_dir's weights with adapter_dir's adapter merged in), read through sources
-    when written; model_config_dir holds the config.json of the model the run trained (auto_class).
+    when written; model_config_dir holds the config.json of the model the run trained (auto_class). rebuilt maps
+    stored keys to the function that turns the stored weight into the one training computed with (a qlora base's
+    quantized weights, dequantized); the update is added to that, and it is written in the stored dtype.
 
     Raises DsftError, before anything is written, for an update that cannot be placed in the base's tensors, a
     copy or update whose shape differs from the base's, or an update of a non-float weight.
@@ -86,7 +90,8 @@ def plan_merge(base_dir: Path, adapter_dir: Path, model_config_dir: Path, auto_c
     for key, item in stored.items():
         if key not in plan.dropped:
             placed.setdefault(parts[key].model_key, []).append((item, parts[key]))
-            plan.tensors.append(_merged_tensor(item, parts[key], updates, adapter, sources, dtype))
+            plan.tensors.append(_merged_tensor(item, parts[key], updates, adapter, sources, dtype,
+                                               (rebuilt or {}).get(key)))
     plan.untied = _untie(updates, placed, plan, adapter, sources, dtype)
     for key, adapter_key in updates.copies.items():
         if key not in placed:  # a new head (score) on a base that has none
@@ -101,7 +106,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, model_config_dir: Path, auto_c
 
 
 def _merged_tensor(item: StoredTensor, part: CheckpointPart, updates: AdapterUpdates, adapter: dict,
-                   sources: MergeSources, dtype: torch.dtype | None) -> PlannedTensor:
+                   sources: MergeSources, dtype: torch.dtype | None, rebuild: Callable | None = None) -> PlannedTensor:
     """The output tensor of one stored tensor: read as is, or taken from the adapter's copy, plus its LoRA update."""
     update, copy_key = updates.lora.get(part.model_key), updates.copies.get(part.model_key)
     out_dtype = output_dtype(item.dtype, dtype)
@@ -117,6 +122,8 @@ def _merged_tensor(item: StoredTensor, part: CheckpointPart, updates: AdapterUpd
 
     def produce() -> torch.Tensor:
         weight = sources.adapter_tensor(copy_key) if copy_key is not None else sources.base.read(item.file, item.key)
+        if rebuild is not None and copy_key is None:
+            weight = rebuild(weight)
         if update is not None:
             a, b = sources.factors(update)
             weight = weight.float() + lora_delta(update, a, b, part, item.shape)

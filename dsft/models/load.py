@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dsft.config import ModelConfig, RunConfig, load_config
+from dsft.config import MethodConfig, ModelConfig, RunConfig, load_config
 from dsft.errors import DsftError, RemoteCodeWarning
 from dsft.models.auto import HEAD_TASKS, auto_model_class
 from dsft.paths import resolve_inside
@@ -76,6 +76,26 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
     if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
         loaded.resize_token_embeddings(len(tokenizer))
     return _never_padded(loaded)
+
+
+def build_quantized(model: ModelConfig, tokenizer, method: MethodConfig, source: Path | None = None,
+                    task: str = "causal_lm", **extra):
+    """The frozen, quantized base of method.type qlora (models/quantize.py), ready for an adapter: pretrained weights
+    of model.name_or_path, or of source (a preset's saved base_model/); extra goes to from_pretrained (labels)."""
+    from dsft.models.quantize import prepare_for_training, quantization_kwargs
+
+    dtype = resolve_dtype(model.dtype)
+    origin = model if source is None else model.model_copy(update={"name_or_path": str(source), "preset": None,
+                                                                   "revision": None})
+    keep = () if task == "causal_lm" else ("score",)  # a classifier's head trains in full: never quantized
+    quantized = quantization_kwargs(method, dtype, keep)
+    loaded = _guarded(lambda: _from_pretrained(origin, dtype, task, **quantized, **extra),
+                      "model.name_or_path", str(origin.name_or_path))
+    if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
+        loaded.resize_token_embeddings(len(tokenizer))  # embeddings are never quantized
+    if task != "causal_lm":
+        loaded.config.pad_token_id = tokenizer.pad_token_id  # a classifier pools the last token that is not padding
+    return _never_padded(prepare_for_training(loaded))
 
 
 def _never_padded(model):
@@ -143,14 +163,19 @@ def build_classifier(model: ModelConfig, tokenizer, seed: int, labels: list[str]
     if model.preset is not None:
         classifier = with_attention(build_preset_classifier(model.preset, tokenizer, seed, dtype, labels, task), model)
     else:
-        label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
+        label_kwargs = classifier_kwargs(labels, tokenizer)
         classifier = _guarded(lambda: _from_pretrained(model, dtype, task, **label_kwargs),
                               "model.name_or_path", model.name_or_path)
         if len(tokenizer) > classifier.get_input_embeddings().weight.shape[0]:
             classifier.resize_token_embeddings(len(tokenizer))
     classifier.config.pad_token_id = tokenizer.pad_token_id
     return _never_padded(classifier)
+
+
+def classifier_kwargs(labels: list[str], tokenizer) -> dict:
+    """from_pretrained arguments that give a model a classifier head with one output per label."""
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
 
 
 def _guarded(load: Callable, key: str, value: str):
@@ -247,9 +272,9 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
     run_dir = Path(run_dir).resolve()
     task = run_task(config)
 
-    def hub_base(model_config, torch_dtype):
+    def hub_base(model_config, torch_dtype, **quantized):
         labels = _run_labels(run_dir) if task in HEAD_TASKS else {}
-        return _from_pretrained(model_config, torch_dtype, task, **labels)
+        return _from_pretrained(model_config, torch_dtype, task, **labels, **quantized)
 
     return _never_padded(_full_or_adapter(run_dir, config, dtype, auto_model_class(task), hub_base))
 
@@ -257,6 +282,8 @@ def load_run_model(run_dir: Path, config: RunConfig, dtype: str = "auto"):
 def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, hub_base: Callable):
     """A run's full weights, or its adapter on its base: the run's own base_model/, else the hub model
     its config names (hub_base(model_config, torch_dtype) builds it), never any other."""
+    from dsft.models.quantize import one_cpu_path, quantization_kwargs
+
     torch_dtype = resolve_dtype(dtype)
     adapter_config = resolve_inside(run_dir, ADAPTER_CONFIG_FILE, "adapter config")
     if not adapter_config.is_file():
@@ -267,12 +294,14 @@ def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, h
     _require_safetensors(run_dir, run_dir, "adapter_model")
     recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     name = config.model.name_or_path
+    # A qlora adapter runs on the base it trained on (a classifier's head unquantized, as it trained).
+    quantized = quantization_kwargs(config.method, torch_dtype, () if run_task(config) == "causal_lm" else ("score",))
     if os.path.lexists(run_dir / BASE_MODEL_DIR):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
-        base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True)
+        base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True, **quantized)
     elif name is not None and recorded in (None, name):
         model_config = config.model.model_copy(update={"dtype": dtype})
-        base = _guarded(lambda: hub_base(model_config, torch_dtype), "model.name_or_path", str(name))
+        base = _guarded(lambda: hub_base(model_config, torch_dtype, **quantized), "model.name_or_path", str(name))
     else:
         raise DsftError(
             f"{adapter_config}: base_model_name_or_path {recorded!r} is neither this run's {BASE_MODEL_DIR}/ "
@@ -281,7 +310,7 @@ def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, h
     from dsft.models.method import fused_expert_patterns
 
     with fused_expert_patterns():  # PEFT re-adds its fused-expert rank pattern on load, and warns of it again
-        return PeftModel.from_pretrained(base, run_dir)
+        return PeftModel.from_pretrained(one_cpu_path(base), run_dir)
 
 
 def run_task(config: RunConfig) -> str:

@@ -24,16 +24,18 @@ class ParamCounts:
 
 
 def count_parameters(model) -> ParamCounts:
+    from dsft.models.quantize import logical_numel
+
     params = list(model.parameters())
-    return ParamCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    return ParamCounts(sum(p.numel() for p in params if p.requires_grad), sum(logical_numel(p) for p in params))
 
 
 def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
-    """Prepare model for method.type; returns the model to train (a PeftModel for lora).
+    """Prepare model for method.type; returns the model to train (a PeftModel for lora and qlora).
 
     task_type is PEFT's: CAUSAL_LM, or SEQ_CLS / TOKEN_CLS for a classifier (its head "score" then trains in full).
     """
-    if method.type == "lora":
+    if method.adapter:  # qlora: the base arrives quantized and frozen (models/quantize.py)
         return _apply_lora(model, method, task_type)
     if method.type == "freeze":
         _apply_freeze(model, method.freeze.trainable_layers, method.freeze.train_embeddings)

@@ -194,7 +194,7 @@ def apply_backbone_method(backbone, method):
     Returns the backbone to use (a PEFT model for lora); raises DsftError as method.apply_method does."""
     from dsft.models.method import apply_method
 
-    if method.type == "lora":
+    if method.adapter:
         return apply_method(backbone, method, "FEATURE_EXTRACTION")
     if method.type == "freeze":
         _freeze_backbone(backbone, method.freeze.trainable_layers, method.freeze.train_embeddings)

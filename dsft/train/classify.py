@@ -21,7 +21,6 @@ from dsft.data.dataset import DataStats
 from dsft.data.labels import balanced_class_weights, build_classify_datasets, load_labelled
 from dsft.eval.classification import classification_report
 from dsft.eval.error_analysis import write_error_analysis
-from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters, train_head_only
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -74,8 +73,7 @@ def run_classify(
         console.print(f"data: {line}")
 
     # Model and method.
-    model = build_classifier(config.model, tokenizer, config.train.seed, labels)
-    rd.save_preset_base_for_lora(model, config, run_dir)
+    model = rd.start_model(config, tokenizer, run_dir, console, labels, "classification")
     model = apply_method(model, config.method, "SEQ_CLS")
     if config.classify.head_only:
         train_head_only(model)
@@ -109,7 +107,7 @@ def run_classify(
 
     # Save: adapter or full model (labels in config.json id2label), tokenizer, then the numbers.
     save_model(trainer, tokenizer, run_dir, config)
-    if config.method.type == "lora":
+    if config.method.adapter:
         # The adapter files hold no labels; config.json beside them does, for dsft predict and plain transformers.
         trainer.model.get_base_model().config.save_pretrained(run_dir)
     summary = run_summary(config, train_output, eval_loss, stats, counts, started_s, trainer)

@@ -40,7 +40,6 @@ from dsft.data.preference_data import build_preference_datasets
 from dsft.eval.exact_match import score_exact_match
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -117,11 +116,10 @@ def run_dpo(
         console.print(f"data: {line}")
 
     # Policy and reference (copied before training, so the reference is the starting model).
-    policy = build_model(config.model, tokenizer, config.train.seed)
-    rd.save_preset_base_for_lora(policy, config, run_dir)
+    policy = rd.start_model(config, tokenizer, run_dir, console)
     reference = build_reference(config, policy, tokenizer)
     console.print(f"reference: {describe_reference(config)}")
-    if config.method.type == "freeze" or (config.dpo.loss in REFERENCE_FREE_LOSSES and config.method.type == "lora"):
+    if config.method.type == "freeze" or (config.dpo.loss in REFERENCE_FREE_LOSSES and config.method.adapter):
         policy = apply_method(policy, config.method)  # TRL's DPOTrainer wraps LoRA itself; the losses without one do not
     enable_checkpointing(policy, checkpointing_mode(config))
 

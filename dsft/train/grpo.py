@@ -29,13 +29,14 @@ from trl import GRPOTrainer
 from dsft.config import RunConfig
 from dsft.data.prompts import RlPrompt
 from dsft.errors import DsftError
-from dsft.models.load import build_model
+from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.loop import (
     Guards,
+    adapter_precision,
     checkpoint_to_resume,
     data_fingerprints,
     pack_batches,
@@ -111,7 +112,7 @@ def run_grpo(
     eval_examples = held_out_examples(config, console)
 
     # Policy and method; the reference is what the policy starts as.
-    model = build_model(config.model, tokenizer, config.train.seed)
+    model = rd.start_model(config, tokenizer, run_dir, console)  # an adapter's preset base saved in base_model/
     _point_reference_at_start(model, config, run_dir)
     model = apply_method(model, config.method)
     counts = count_parameters(model)
@@ -157,9 +158,10 @@ def _point_reference_at_start(model, config: RunConfig, run_dir: Path) -> None:
     reference from the policy's config._name_or_path: that becomes the start, made absolute (with LoRA the
     reference is the adapter-disabled model and nothing is loaded).
     """
-    needs_reference = config.method.type != "lora" and config.grpo.kl_coef > 0
-    if config.model.preset is not None and (config.method.type == "lora" or needs_reference):
-        model.config._name_or_path = str(rd.save_base(model, run_dir).resolve())
+    needs_reference = not config.method.adapter and config.grpo.kl_coef > 0
+    if config.model.preset is not None and (config.method.adapter or needs_reference):
+        base = run_dir / BASE_MODEL_DIR if config.method.adapter else rd.save_base(model, run_dir)
+        model.config._name_or_path = str(base.resolve())
     elif needs_reference and Path(config.model.name_or_path).exists():
         model.config._name_or_path = str(Path(config.model.name_or_path).resolve())
 
@@ -193,6 +195,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
         # (LoRA's B = 0), so the adapter-disabled model is the same reference, with no second adapter to keep or save.
         trainer.model.delete_adapter("ref")
     trainer.remove_callback(PrinterCallback)
+    adapter_precision(trainer, config)
     nonfinite = NonFiniteGuard(trainer, config.train.nonfinite, config.train.max_consecutive_nonfinite,
                                not trainer.args.fp16, console.print)
     trainer.add_callback(nonfinite)

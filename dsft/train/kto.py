@@ -28,7 +28,6 @@ from dsft.data.dataset import DataStats, load_validated
 from dsft.data.kto_data import build_kto_datasets, labelled_texts, to_labelled
 from dsft.errors import DsftError
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -100,8 +99,7 @@ def run_kto(config: RunConfig, resume: bool = False, console: Console | None = N
         console.print(f"data: {line}")
 
     # Policy and reference (copied before training, so the reference is the starting model).
-    policy = build_model(config.model, tokenizer, config.train.seed)
-    rd.save_preset_base_for_lora(policy, config, run_dir)
+    policy = rd.start_model(config, tokenizer, run_dir, console)
     reference = reference_model(config, policy, tokenizer, config.kto.reference)
     console.print(f"reference: {reference_description(config, config.kto.reference)}")
     if config.method.type == "freeze":

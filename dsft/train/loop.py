@@ -176,10 +176,26 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
+    adapter_precision(trainer, config)
     fp16 = trainer.args.fp16
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
+
+
+def adapter_precision(trainer, config: RunConfig) -> None:
+    """A qlora adapter trains in bfloat16 under bf16 mixed precision (the QLoRA paper's recipe, which TRL's trainers
+    apply to every quantized model) and in float32 otherwise, in every stage alike: TRL's cast to bfloat16 would meet
+    float32 activations where no autocast runs (fp32 and fp16 runs, the CPU). DoRA's magnitude vector stays float32
+    (its small updates would round away in bfloat16)."""
+    import torch
+
+    if config.method.type != "qlora":
+        return
+    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float32
+    for name, parameter in trainer.model.named_parameters():
+        if parameter.requires_grad and parameter.dtype != dtype and "lora_magnitude_vector" not in name:
+            parameter.data = parameter.data.to(dtype)
 
 
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
@@ -279,7 +295,7 @@ def save_model(trainer, tokenizer, run_dir: Path, config: RunConfig) -> None:
 
 
 def _save_model(model, tokenizer, run_dir: Path, config: RunConfig, state_dict: dict | None) -> None:
-    if config.method.type == "lora" and config.model.preset is not None:
+    if config.method.adapter and config.model.preset is not None:
         # Absolute, so peft.AutoPeftModelForCausalLM.from_pretrained(run_dir) works from any directory.
         adapted = getattr(model, "backbone", model)  # a multitask model adapts its backbone only
         adapted.peft_config["default"].base_model_name_or_path = str((run_dir / BASE_MODEL_DIR).resolve())
@@ -324,8 +340,18 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "unfreeze": [entry.model_dump() for entry in config.method.unfreeze] or None,
         "adversarial": config.train.adversarial.model_dump() if config.train.adversarial.method != "none" else None,
         "total_parameters": counts.total,
+        "quantization": _quantization(config, trainer.model),
         "data": dataclasses.asdict(stats),
     }
+
+
+def _quantization(config, model) -> dict | None:
+    """method.qlora's settings and what the base holds (models/quantize.py), for qlora runs."""
+    if config.method.type != "qlora":
+        return None
+    from dsft.models.quantize import quantization_report
+
+    return {**config.method.qlora.model_dump(), **quantization_report(model)}
 
 
 def format_number(value) -> str:

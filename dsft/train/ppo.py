@@ -35,7 +35,7 @@ from dsft.data.prompts import RlPrompt
 from dsft.errors import TrainingDiverged, TrainingInterrupted
 from dsft.eval.speed import process_peak_memory
 from dsft.models.generate import pad_left
-from dsft.models.load import build_model, resolve_dtype
+from dsft.models.load import resolve_dtype
 from dsft.models.method import apply_method, count_parameters
 from dsft.models.packed_forward import is_packed
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
@@ -117,9 +117,8 @@ def run_ppo(
 
     # Policy, value head and reference (what the policy starts as).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config.model, tokenizer, config.train.seed)
-    rd.save_preset_base_for_lora(model, config, run_dir)
-    reference = None if config.method.type == "lora" else _frozen_copy(model).to(device)
+    model = rd.start_model(config, tokenizer, run_dir, console)
+    reference = None if config.method.adapter else _frozen_copy(model).to(device)
     policy = apply_method(model, config.method).to(device)
     _disable_dropout(policy)  # the first update's ratio to the rollout policy is then exactly 1
     if config.train.gradient_checkpointing:

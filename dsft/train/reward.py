@@ -25,7 +25,6 @@ from dsft.data.chat import resolve_template
 from dsft.data.preference_data import build_preference_datasets, full_sequences
 from dsft.errors import DsftError
 from dsft.models.kernels import enable_checkpointing
-from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -121,8 +120,7 @@ def run_reward(
         console.print(f"data: {line}")
 
     # Model: one output on the last token; with LoRA the new head trains in full (modules_to_save).
-    model = build_classifier(config.model, tokenizer, config.train.seed, [REWARD_LABEL])
-    rd.save_preset_base_for_lora(model, config, run_dir)
+    model = rd.start_model(config, tokenizer, run_dir, console, [REWARD_LABEL], "classification")
     model = apply_method(model, config.method, "SEQ_CLS")
     enable_checkpointing(model, checkpointing_mode(config))
     counts = count_parameters(model)
@@ -145,7 +143,7 @@ def run_reward(
 
     # Save: adapter or full model (config.json beside a LoRA adapter holds the one-output head), then the numbers.
     save_model(trainer, tokenizer, run_dir, config)
-    if config.method.type == "lora":
+    if config.method.adapter:
         trainer.model.get_base_model().config.save_pretrained(run_dir)
     summary = run_summary(config, train_output, after.get("eval_loss"), stats, counts, started_s, trainer)
     summary.update(_reward_numbers(before, after, trainer))

@@ -81,9 +81,40 @@ def save_base(model, run_dir: Path) -> Path:
 
 
 def save_preset_base_for_lora(model, config: RunConfig, run_dir: Path) -> None:
-    """save_base when the run trains a LoRA adapter on a preset: the adapter names base_model/ as its base."""
-    if config.model.preset is not None and config.method.type == "lora":
+    """save_base when the run trains an adapter on a preset: the adapter names base_model/ as its base."""
+    if config.model.preset is not None and config.method.adapter:
         save_base(model, run_dir)
+
+
+def start_model(config: RunConfig, tokenizer, run_dir: Path, console, labels: list[str] | None = None,
+                task: str = "causal_lm"):
+    """The model a stage starts from, before its method applies: the preset or pretrained weights (a preset's saved
+    to base_model/ for an adapter), a classifier with one output per label for a head task; for method.type qlora
+    that base quantized and frozen (a preset's reloaded from base_model/, as a hub model loads, so the adapter's
+    base is the file it names; a classifier's new head stays unquantized, as it trains)."""
+    from dsft.models.load import build_classifier, build_model, build_quantized, classifier_kwargs, resolve_dtype
+    from dsft.models.quantize import QUANTIZATION_FILE, quantization_report, quantized_weights, report_line
+
+    seed = config.train.seed
+
+    def build():
+        if labels is None:
+            return build_model(config.model, tokenizer, seed)
+        return build_classifier(config.model, tokenizer, seed, labels, task)
+
+    if config.method.type != "qlora":
+        model = build()
+        save_preset_base_for_lora(model, config, run_dir)
+        return model
+    source = save_base(build(), run_dir) if config.model.preset is not None else None
+    extra = {} if labels is None else classifier_kwargs(labels, tokenizer)
+    model = build_quantized(config.model, tokenizer, config.method, source, task, **extra)
+    console.print(report_line(quantization_report(model)), markup=False)
+    if is_main():
+        record = {"qlora": config.method.qlora.model_dump(), "dtype": str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
+                  "weights": quantized_weights(model)}
+        (run_dir / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return model
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -23,7 +23,6 @@ from dsft.eval.exact_match import ExactMatchResult, score_exact_match
 from dsft.eval.in_training import EvalMetricsCallback
 from dsft.models.generate import DecodeSettings
 from dsft.models.kernels import apply_speed_plan, resolve_speed_plan
-from dsft.models.load import build_model
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -78,8 +77,7 @@ def run_sft(
     eval_examples = _generation_examples(config, console)
 
     # Model and method.
-    model = build_model(config.model, tokenizer, config.train.seed)
-    rd.save_preset_base_for_lora(model, config, run_dir)
+    model = rd.start_model(config, tokenizer, run_dir, console)
     model = apply_method(model, config.method)
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")

@@ -77,7 +77,7 @@ def _finished(stage_dir: Path) -> bool:
 def _next_start(stage_dir: Path, stage_config: RunConfig, console: Console) -> ModelConfig:
     """The model the next stage starts from: this stage's weights, as a local directory."""
     weights_dir = stage_dir
-    if stage_config.method.type == "lora":
+    if stage_config.method.adapter:
         weights_dir = _merged_weights(stage_dir, console)
     previous = stage_config.model
     return ModelConfig(name_or_path=str(weights_dir.resolve()), dtype=previous.dtype,

@@ -26,7 +26,6 @@ from dsft.data.bio import IGNORE_INDEX
 from dsft.data.dataset import DataStats
 from dsft.data.tokens import build_token_datasets, training_texts
 from dsft.eval.ner import SCALAR_KEYS, ner_report, write_report
-from dsft.models.load import build_classifier
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
 from dsft.train.loop import (
@@ -81,8 +80,7 @@ def run_token_classify(
         console.print(f"data: {line}")
 
     # Model and method (LoRA: the head "score" trains in full beside the adapter).
-    model = build_classifier(config.model, tokenizer, config.train.seed, tags, config.task)
-    rd.save_preset_base_for_lora(model, config, run_dir)
+    model = rd.start_model(config, tokenizer, run_dir, console, tags, config.task)
     model = apply_method(model, config.method, "TOKEN_CLS")
     counts = count_parameters(model)
     console.print(f"method {config.method.type}: {counts.line()}")
@@ -108,7 +106,7 @@ def run_token_classify(
 
     # Save: adapter or full model (tags in config.json id2label), tokenizer, then the numbers.
     save_model(trainer, tokenizer, run_dir, config)
-    if config.method.type == "lora":
+    if config.method.adapter:
         # The adapter files hold no labels; config.json beside them does, for dsft predict and plain transformers.
         trainer.model.get_base_model().config.save_pretrained(run_dir)
     summary = run_summary(config, train_output, eval_loss, stats, counts, started_s, trainer)

@@ -127,7 +127,7 @@ def reference_model(config: RunConfig, policy, tokenizer, reference: str | None)
     from dsft.models.load import build_model
 
     if reference is None:
-        if config.method.type == "lora":
+        if config.method.adapter:
             return None
         model = copy.deepcopy(policy)  # full fine-tuning changes every weight: the start must be kept whole
     else:
@@ -141,7 +141,7 @@ def reference_model(config: RunConfig, policy, tokenizer, reference: str | None)
 def reference_description(config: RunConfig, reference: str | None) -> str:
     if reference is not None:
         return reference
-    if config.method.type == "lora":
+    if config.method.adapter:
         return "the policy with its LoRA adapter disabled (no second copy of the weights)"
     return "a frozen copy of the starting model"
 
@@ -218,7 +218,7 @@ def build_reference_trainer(config: RunConfig, run_dir: Path, policy, reference,
     from dsft.models.method import fused_expert_patterns, lora_config
     from dsft.train.loop import build_trainer
 
-    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.type == "lora" else None
+    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.adapter else None
     validation = as_dataset(validation_rows, False) if validation_rows else []
     try:
         with fused_expert_patterns():  # TRL wraps the policy with peft_config

@@ -17,10 +17,10 @@ def inject(monkeypatch, fault):
     fault may return a replacement output or raise; the model object is kept for inspection.
     """
     built = {}
-    real_build_model = sft.build_model
+    real_start_model = sft.rd.start_model
 
-    def build_model(*args, **kwargs):
-        model = real_build_model(*args, **kwargs)
+    def start_model(*args, **kwargs):
+        model = real_start_model(*args, **kwargs)
         calls = [0]
 
         def hook(module, inputs, output):
@@ -33,7 +33,7 @@ def inject(monkeypatch, fault):
         built["model"] = model
         return model
 
-    monkeypatch.setattr(sft, "build_model", build_model)
+    monkeypatch.setattr(sft.rd, "start_model", start_model)
     return built
 
 

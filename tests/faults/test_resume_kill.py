@@ -1,8 +1,10 @@
-"""Exact resume: a run SIGKILLed after its step-10 checkpoint and resumed equals a straight run, bitwise."""
+"""Exact resume: a run SIGKILLed after its step-10 checkpoint and resumed equals a straight run, bitwise (full
+fine-tuning, and a QLoRA adapter on a 4-bit base)."""
 
 import signal
 import subprocess
 
+import pytest
 import torch
 
 from .conftest import (
@@ -18,23 +20,24 @@ from .conftest import (
 STEPS = 20
 
 
-def config_for(tmp_path, tiny_data, name):
+def config_for(tmp_path, tiny_data, name, method=None):
     # 64 samples in batches of 4 is 16 steps an epoch: the 20 steps cross an epoch boundary,
     # where the data order is reshuffled, so resume must restore that too.
     return make_config(
         tmp_path / name,
         tiny_data,
-        method={"type": "full"},
+        method=method or {"type": "full"},
         train={"max_steps": STEPS, "batch_size": 4, "save_steps": 10, "learning_rate": 1e-3},
         output={"dir": str(tmp_path / name / "run")},
     )
 
 
-def test_sigkill_and_resume_reproduces_the_straight_run_bitwise(tmp_path, tiny_data):
+@pytest.mark.parametrize("method", [None, {"type": "qlora", "lora": {"r": 8, "alpha": 16}}], ids=["full", "qlora"])
+def test_sigkill_and_resume_reproduces_the_straight_run_bitwise(tmp_path, tiny_data, method):
     (tmp_path / "straight").mkdir()
     (tmp_path / "killed").mkdir()
-    straight_config = config_for(tmp_path, tiny_data, "straight")
-    killed_config = config_for(tmp_path, tiny_data, "killed")
+    straight_config = config_for(tmp_path, tiny_data, "straight", method)
+    killed_config = config_for(tmp_path, tiny_data, "killed", method)
     straight = run_dsft("train", straight_config)
     assert straight.returncode == 0, straight.stderr
     straight_dir, killed_dir = tmp_path / "straight" / "run", tmp_path / "killed" / "run"
@@ -57,6 +60,7 @@ def test_sigkill_and_resume_reproduces_the_straight_run_bitwise(tmp_path, tiny_d
     assert ledger(killed_dir) == ledger(straight_dir)
     consumed = [i for record in ledger(straight_dir)[:16] for i in record["sample_ids"]]
     assert sorted(consumed) == list(range(64)), "each sample once per epoch"
-    expected, got = weights(straight_dir), weights(killed_dir)
+    stem = "adapter_model.safetensors" if method else "model.safetensors"
+    expected, got = weights(straight_dir, stem), weights(killed_dir, stem)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -125,11 +125,17 @@ def test_predict_names_the_record_without_text(full_run, tmp_path):
 
 
 @learning
-def test_lora_on_deepseek_v3_learns(tmp_path, labelled_data):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_on_deepseek_v3_learns(tmp_path, labelled_data, method):
+    """LoRA, and QLoRA on a 4-bit NF4 base whose new score head stays unquantized (it trains in full)."""
     path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-deepseek-v3"},
-                           method={"type": "lora", "lora": {"r": 8, "alpha": 64}})
+                           method={"type": method, "lora": {"r": 8, "alpha": 64}})
     result = run_classify(load_config(path))
     assert_learned(classify_claims(result.summary))
+    if method == "qlora":
+        assert result.summary["quantization"]["quantized_parameters"] > 0
+        head = result.model.get_base_model().score
+        assert all(type(p).__name__ == "Parameter" for p in head.parameters())
     assert result.summary["trainable_parameters"] < result.summary["total_parameters"]
     run_dir = tmp_path / "run"
     assert (run_dir / "adapter_model.safetensors").is_file()

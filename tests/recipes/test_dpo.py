@@ -216,3 +216,18 @@ def test_a_reference_free_run_that_does_not_learn_fails_the_claims(tmp_path, pre
     summary = run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo=REFERENCE_FREE["orpo"],
                                              train={**LORA_DPO_TRAIN, **NOT_LEARNING}))).summary
     assert_not_learned(reference_free_claims(summary, REFERENCE_FREE["orpo"]["beta"]))
+
+
+@learning
+@pytest.mark.parametrize("loss", ["sigmoid", "orpo"])
+def test_qlora_dpo_learns_the_planted_preference_on_a_4bit_base(tmp_path, preference_files, loss):
+    """method.type qlora through TRL's DPOTrainer (sigmoid: the reference is the adapter-disabled 4-bit base) and the
+    reference-free path (orpo)."""
+    dpo = LORA_DPO if loss == "sigmoid" else REFERENCE_FREE[loss]
+    summary = run_dpo(load_config(dpo_config(tmp_path, preference_files, dpo=dpo, train=LORA_DPO_TRAIN,
+                                             method={"type": "qlora", "lora": {"r": 16, "alpha": 32}}))).summary
+    assert summary["quantization"]["quantized_parameters"] > 0
+    if loss == "sigmoid":
+        assert_learned(dpo_claims(summary))
+    else:
+        assert_learned(reference_free_claims(summary, dpo["beta"]))

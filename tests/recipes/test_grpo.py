@@ -125,3 +125,16 @@ def test_packed_batches_train_as_padded_ones(tmp_path, monkeypatch, start):
 
     logs = logs_with_and_without_packing(tmp_path, monkeypatch, config_for, ("loss", "reward", "kl"), "packing:")
     torch.testing.assert_close(torch.tensor(logs[True]), torch.tensor(logs[False]), rtol=1e-3, atol=1e-5)
+
+
+def test_qlora_grpo_trains_an_adapter_on_a_4bit_base(tmp_path, start):
+    """method.type qlora through TRL's GRPOTrainer: the reference is the adapter-disabled 4-bit base; the run
+    directory holds the adapter, its base and the record of what was quantized."""
+    path = rl_config(tmp_path, *start, "grpo", grpo=GRPO, method={"type": "qlora", "lora": {"r": 8, "alpha": 16}},
+                     train={"max_steps": 2})
+    result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["quantization"]["quantized_parameters"] > 0
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "quantization.json").is_file()

@@ -133,7 +133,8 @@ def test_accumulating_micro_batches_equals_one_larger_batch(tmp_path, start):
         assert records[8][key] == pytest.approx(records[16][key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("method", [{"type": "full"}, {"type": "lora", "lora": {"r": 8, "alpha": 16}}])
+@pytest.mark.parametrize("method", [{"type": "full"}, {"type": "lora", "lora": {"r": 8, "alpha": 16}},
+                                    {"type": "qlora", "lora": {"r": 8, "alpha": 16}}], ids=["full", "lora", "qlora"])
 def test_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path, start, method):
     """4 steps with a checkpoint every 2; a copy without a sound checkpoint-4 resumed (the real CLI) logs steps 3 and 4
     as the uninterrupted run did: same sampled tokens (rewards), losses and learning rates."""
@@ -146,7 +147,8 @@ def test_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path, star
     assert first.exit_code == 0, first.output
     run_dir = tmp_path / "first" / "run"
     checkpoint = run_dir / "checkpoints" / "checkpoint-2"
-    weights = "adapter_model.safetensors" if method["type"] == "lora" else "model.safetensors"
+    adapter = method["type"] in ("lora", "qlora")
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
     assert {p.name for p in checkpoint.iterdir()} >= {weights, VALUE_HEAD_FILE, "manifest.json", "optimizer.pt",
                                                       "rng_state.pt", "trainer_state.json"}
     assert not list(checkpoint.glob("*.bin")) and not list(checkpoint.glob("*.pkl"))
@@ -154,14 +156,14 @@ def test_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path, star
     resumed_dir = tmp_path / "resumed" / "run"
     shutil.copytree(run_dir, resumed_dir)
     newest = resumed_dir / "checkpoints" / "checkpoint-4"
-    if method["type"] == "lora":
+    if adapter:
         shutil.rmtree(newest)
     else:  # a torn checkpoint-4 (optimizer.pt cut short) is skipped, with the reason
         (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:100])
     path = rl_config(tmp_path / "resumed", *start, "ppo", **sections)
     resumed = CliRunner().invoke(app, ["train", str(path), "--resume"], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
-    assert method["type"] == "lora" or "skipping" in resumed.output
+    assert adapter or "skipping" in resumed.output
     assert "resuming from" in resumed.output and "checkpoint-2" in resumed.output
 
     # The resumed steps replay the same shapes on the same CPU path in this process: rel 1e-5 holds on any path.

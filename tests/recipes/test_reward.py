@@ -114,9 +114,10 @@ def test_reward_function_orders_validation_pairs_as_training_measured(full_run, 
         reward(prompts[:2], ["x"])
 
 
-def test_lora_reward_model_on_deepseek_v3_loads_as_a_reward_function(tmp_path, preference_files):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_reward_model_on_deepseek_v3_loads_as_a_reward_function(tmp_path, preference_files, method):
     path = reward_config(tmp_path, preference_files, train={"max_steps": 4, "eval_steps": 4},
-                         data={"validation_files": []})
+                         data={"validation_files": []}, method={"type": method, "lora": {"r": 8, "alpha": 64}})
     result = CliRunner().invoke(app, ["train", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "run"

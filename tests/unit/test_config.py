@@ -94,8 +94,8 @@ def test_wrong_type_and_bad_value_name_the_key(tmp_path):
 
 
 def test_bad_choice_lists_what_is_allowed(tmp_path):
-    message = error_of(tmp_path, MINIMAL + "method:\n  type: qlora\n")
-    assert "method.type (line 6): Input should be 'full', 'lora' or 'freeze' (got 'qlora')" in message
+    message = error_of(tmp_path, MINIMAL + "method:\n  type: dora\n")
+    assert "method.type (line 6): Input should be 'full', 'lora', 'qlora' or 'freeze' (got 'dora')" in message
 
 
 def test_model_needs_exactly_one_source(tmp_path):
