@@ -3,7 +3,7 @@
 - `loader`: YAML with line numbers, `${NAME}` environment references, `--set key.path=value`, and errors naming the
   key path, its line and what is allowed (for any pydantic model: `load_yaml_model`);
 - `base`: what every section shares (unknown keys are errors, docstrings are descriptions);
-- `model` (model, data, method), `train`, `eval`, `tasks` (classify, token_classify, multitask) and `preference`
+- `model` (model, data), `method` (full, freeze and the PEFT adapters), `train`, `eval`, `tasks` (classify, token_classify, multitask) and `preference`
   (reward, dpo, grpo, ppo): the sections of a run config;
 - `run`: `RunConfig`, its loading, multi-stage runs and `dump_config` (what `dsft config show` prints);
 - `serve`: the config of `dsft serve`.
@@ -14,7 +14,8 @@ below are what the rest of dsft imports.
 
 from dsft.config.eval import CheckConfig, EvalConfig
 from dsft.config.loader import apply_override, expand_env_references, load_yaml_model
-from dsft.config.model import DataConfig, FreezeConfig, LoraConfig, MethodConfig, ModelConfig, UnfreezeStep
+from dsft.config.method import FreezeConfig, LoraConfig, MethodConfig, UnfreezeStep
+from dsft.config.model import DataConfig, ModelConfig
 from dsft.config.preference import (
     DpoConfig,
     GrpoConfig,

@@ -1,4 +1,4 @@
-"""Config sections model, data and method: which model, which data, which weights train."""
+"""Config sections model and data: which model, which data (the method section: method.py)."""
 
 from __future__ import annotations
 
@@ -98,85 +98,4 @@ class DataConfig(Section):
     def _one_validation_source(self) -> DataConfig:
         if self.validation_files and self.validation_ratio > 0:
             raise ValueError("set data.validation_files or data.validation_ratio, not both")
-        return self
-
-
-class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    """LoRA rank."""
-    alpha: float = Field(32.0, gt=0)
-    """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input; must be 0 when LoRA reaches fused MoE expert weights (DeepSeek MoE)."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names to adapt (e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj,
-    up_proj, down_proj) or all-linear."""
-    modules_to_save: list[str] = []
-    """Modules trained in full and saved beside the adapter (e.g. lm_head, embed_tokens)."""
-
-
-class QloraConfig(Section):
-    bits: Literal[4, 8] = 4
-    """Bits per frozen base weight: 4 (QLoRA, bitsandbytes' 4-bit) or 8 (LLM.int8)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type: nf4 (normal float, QLoRA's, for normally distributed weights) or fp4."""
-    double_quant: bool = True
-    """Quantize the per-block scales as well (QLoRA's double quantization, about 0.37 bits per weight saved)."""
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """dtype the quantized layers dequantize to and compute in; auto: model.dtype as resolved."""
-    skip_modules: list[str] = []
-    """Module names kept unquantized (besides the output head, always kept), e.g. a layer sensitive to rounding."""
-
-
-class FreezeConfig(Section):
-    trainable_layers: int = Field(2, ge=0)
-    """Number of top decoder layers to train; the rest stay frozen."""
-    train_embeddings: bool = False
-    """Also train the input embeddings."""
-
-
-class UnfreezeStep(Section):
-    step: int = Field(ge=0)
-    """Optimizer step from which these layers train (0: from the start)."""
-    layers: int | Literal["all"]
-    """Top decoder layers that train from this step on, counted from the top; all: every layer and the embeddings."""
-
-
-ADAPTER_METHODS = ("lora", "qlora")
-"""method.type values that train a PEFT adapter on a frozen base."""
-SECTION_TYPES = {"lora": ADAPTER_METHODS, "qlora": ("qlora",), "freeze": ("freeze",)}
-"""The method.type values each method section applies to (dump_config writes only those)."""
-
-
-class MethodConfig(Section):
-    type: Literal["full", "lora", "qlora", "freeze"] = "lora"
-    """full: every weight; lora: PEFT LoRA adapter; qlora: a LoRA adapter on a base frozen in 4 or 8 bits
-    (bitsandbytes); freeze: only the top layers and the head."""
-    lora: LoraConfig = LoraConfig()
-    """Settings for types lora and qlora."""
-    qlora: QloraConfig = QloraConfig()
-    """How type qlora quantizes the frozen base."""
-    freeze: FreezeConfig = FreezeConfig()
-    """Settings for type freeze."""
-    unfreeze: list[UnfreezeStep] = []
-    """Progressive unfreezing (types full and lora): the head (and final norm) trains from the start, each entry
-    adds top decoder layers from its step on, e.g. [{step: 0, layers: 0}, {step: 100, layers: 4}, {step: 300, layers: all}]."""
-
-    @property
-    def adapter(self) -> bool:
-        """Whether the method trains a PEFT adapter on a frozen base (lora, qlora) and saves only the adapter."""
-        return self.type in ADAPTER_METHODS
-
-    @model_validator(mode="after")
-    def _settings_match_type(self) -> MethodConfig:
-        for other in ("lora", "qlora", "freeze"):
-            if other in self.model_fields_set and self.type not in SECTION_TYPES[other]:
-                raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
-        if self.unfreeze and self.type in ("freeze", "qlora"):
-            raise ValueError(f"method.unfreeze works with method.type full or lora; type {self.type} keeps a fixed set"
-                             + (" (its base weights are quantized: they cannot train)" if self.type == "qlora" else ""))
-        steps = [entry.step for entry in self.unfreeze]
-        layers = [float("inf") if entry.layers == "all" else entry.layers for entry in self.unfreeze]
-        if steps != sorted(set(steps)) or layers != sorted(layers):
-            raise ValueError("method.unfreeze entries must have increasing steps and non-decreasing layers")
         return self

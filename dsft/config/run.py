@@ -32,7 +32,8 @@ from dsft.config.loader import (
     read_text,
     where,
 )
-from dsft.config.model import SECTION_TYPES, DataConfig, MethodConfig, ModelConfig
+from dsft.config.method import SECTION_TYPES, MethodConfig
+from dsft.config.model import DataConfig, ModelConfig
 from dsft.config.preference import DpoConfig, GrpoConfig, KtoConfig, PpoConfig, RewardModelConfig
 from dsft.config.tasks import ClassifyConfig, MultitaskConfig, TokenClassifyConfig
 from dsft.config.train import TrainConfig

@@ -143,6 +143,11 @@ def _write_model_files(model_dir: Path, dest: Path, max_shard_bytes: int, dtype:
 
 def _write_merged(run_dir: Path, config: RunConfig, staging: Path, max_shard_bytes: int, dtype) -> dict:
     """The run's adapter merged into its base, streamed into staging with the model's config files."""
+    if not config.method.lora_family:
+        what = {"prefix": "prefix and prompt tuning add trained positions, not weight updates",
+                "ia3": "IA3's rescaling vectors are not merged tensor by tensor by dsft"}[config.method.type]
+        raise DsftError(f"{run_dir}: a method.type {config.method.type} run; {what}: export without --merge "
+                        "(the adapter and its base, which PEFT loads)")
     base_dir = _merge_base_dir(run_dir, config)
     # A classifier run keeps its model's config.json (labels, head size) beside the adapter; else the base's is it.
     model_config_dir = run_dir if (run_dir / "config.json").is_file() else base_dir

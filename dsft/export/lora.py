@@ -27,8 +27,9 @@ import torch
 from dsft.errors import DsftError
 
 PEFT_PREFIX = "base_model.model."
-UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
-"""adapter_config.json options whose update is not W + scaling * B @ A; such adapters are exported unmerged."""
+UNSUPPORTED_OPTIONS = ("lora_bias", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
+"""adapter_config.json options whose update is not W + scaling * B @ A (or DoRA's renormalised form); such adapters
+are exported unmerged."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class LoraUpdate:
     transposed: bool
     """For 2-D weights: the delta is (B @ A).T (embeddings, fan_in_fan_out). For expert stacks: stored [E, in, out]."""
     num_experts: int = 1
+    magnitude_key: str | None = None
+    """DoRA: the saved magnitude vector m; the merged weight is m * (W + delta) / ||W + delta||, row by row."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def adapter_updates(adapter_dir: Path, model_config_dir: Path, auto_class, adapt
                         "(W + scaling * B @ A) only: export without --merge")
     meta_model, model_shapes, peft_model = _peft_on_meta(peft_config, model_config_dir, auto_class, trust_remote_code)
     lora = _lora_updates(peft_model)
-    factor_keys = {key for update in lora.values() for key in (update.a_key, update.b_key)}
+    factor_keys = {key for update in lora.values() for key in (update.a_key, update.b_key, update.magnitude_key) if key}
     missing = sorted(factor_keys - set(adapter_keys))
     if missing:
         raise DsftError(f"{adapter_dir}: the adapter has no {missing[0]!r}, which its adapter_config.json implies")
@@ -135,8 +138,10 @@ def _lora_updates(peft_model) -> dict[str, LoraUpdate]:
             updates[f"{model_key(path)}.weight"] = LoraUpdate(
                 f"{path}.lora_embedding_A", f"{path}.lora_embedding_B", scaling, transposed=True)
         elif isinstance(layer, Linear):
+            dora = bool(layer.use_dora.get("default", False))
             updates[f"{model_key(path)}.weight"] = LoraUpdate(
-                f"{path}.lora_A.weight", f"{path}.lora_B.weight", scaling, transposed=bool(layer.fan_in_fan_out))
+                f"{path}.lora_A.weight", f"{path}.lora_B.weight", scaling, transposed=bool(layer.fan_in_fan_out),
+                magnitude_key=f"{path}.lora_magnitude_vector" if dora else None)
         else:
             raise DsftError(f"LoRA on {model_key(path)} ({type(layer).__name__}) cannot be merged by dsft; "
                             "export without --merge")
@@ -181,6 +186,14 @@ def _converted_part(key: str, shape: tuple[int, ...], target: str, pattern: str,
     # Concatenate(dim=1) joins the projections in source order; transformers splits them back in equal chunks.
     chunk = converter.source_patterns.index(pattern) if len(ops) == 2 else 0
     return CheckpointPart(target, int(expert.group(1)), chunk * shape[0])
+
+
+def dora_rescaled(update: LoraUpdate, merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight from W + delta (float32): each output row scaled to its trained magnitude, as PEFT's
+    own merge does (rows are columns of a fan_in_fan_out weight)."""
+    rows = merged.T if update.transposed else merged
+    scaled = rows * (magnitude.float() / torch.linalg.norm(rows, dim=1)).unsqueeze(1)
+    return scaled.T if update.transposed else scaled
 
 
 def lora_delta(update: LoraUpdate, a: torch.Tensor, b: torch.Tensor, part: CheckpointPart,

@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 
 from dsft.errors import DsftError
-from dsft.export.lora import AdapterUpdates, CheckpointPart, LoraUpdate, adapter_updates, checkpoint_parts, lora_delta
+from dsft.export.lora import (
+    AdapterUpdates,
+    CheckpointPart,
+    LoraUpdate,
+    adapter_updates,
+    checkpoint_parts,
+    dora_rescaled,
+    lora_delta,
+)
 from dsft.export.weights import PlannedTensor, StoredTensor, TensorReader, output_dtype, read_index
 
 ADAPTER_STEM = "adapter_model"
@@ -127,6 +135,8 @@ def _merged_tensor(item: StoredTensor, part: CheckpointPart, updates: AdapterUpd
         if update is not None:
             a, b = sources.factors(update)
             weight = weight.float() + lora_delta(update, a, b, part, item.shape)
+            if update.magnitude_key is not None:
+                weight = dora_rescaled(update, weight, sources.adapter_tensor(update.magnitude_key))
         return weight.to(out_dtype)
 
     return PlannedTensor(item.key, item.shape, out_dtype, produce)

@@ -176,6 +176,8 @@ def _liger_blocker(cuda: bool, model_type: str) -> str | None:
 def _chunked_loss_blocker(model) -> str | None:
     from dsft.models.chunked_loss import plain_linear_head
 
+    if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        return "prefix and prompt tuning prepend virtual tokens the labels do not have"
     config = _base_model(model).config.get_text_config()
     if getattr(config, "output_router_logits", False):
         return "the model adds a router auxiliary loss"

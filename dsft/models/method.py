@@ -36,7 +36,7 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     task_type is PEFT's: CAUSAL_LM, or SEQ_CLS / TOKEN_CLS for a classifier (its head "score" then trains in full).
     """
     if method.adapter:  # qlora: the base arrives quantized and frozen (models/quantize.py)
-        return _apply_lora(model, method, task_type)
+        return _apply_adapter(model, method, task_type)
     if method.type == "freeze":
         _apply_freeze(model, method.freeze.trainable_layers, method.freeze.train_embeddings)
     return model
@@ -57,18 +57,50 @@ def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: 
             architecture["exclude_modules"] = family.lora_exclude
         if family.expert_parameters:
             architecture["target_parameters"] = list(family.expert_parameters)
-    modules_to_save = list(lora.modules_to_save)
-    if task_type in ("SEQ_CLS", "TOKEN_CLS") and "score" not in modules_to_save:
-        modules_to_save.append("score")  # the new head starts random: it must train in full and be saved
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        modules_to_save=modules_to_save or None,
+        modules_to_save=_modules_to_save(lora.modules_to_save, task_type),
         task_type=task_type,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        # loftq is fitted after wrapping (initialise_adapter), from the base's own weights: PEFT starts from B = 0.
+        init_lora_weights=INITS[lora.init],
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
         **architecture,
     )
+
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+"""method.lora.init as PEFT's init_lora_weights."""
+
+
+def _modules_to_save(names: list[str], task_type: str) -> list[str] | None:
+    names = list(names)
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and "score" not in names:
+        names.append("score")  # the new head starts random: it must train in full and be saved
+    return names or None
+
+
+def peft_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None):
+    """PEFT's config of an adapter method (lora, qlora, prefix, ia3), for apply_method and the trainers that wrap
+    the model themselves (TRL's)."""
+    if method.lora_family:
+        return lora_config(method, task_type, model_type)
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
+
+    if method.type == "ia3":
+        ia3 = method.ia3
+        return IA3Config(target_modules=list(ia3.target_modules), feedforward_modules=list(ia3.feedforward_modules),
+                         modules_to_save=_modules_to_save([], task_type), task_type=task_type)
+    prefix = method.prefix
+    if prefix.kind == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=prefix.num_virtual_tokens, prefix_projection=prefix.projection,
+                                  task_type=task_type)
+    return PromptTuningConfig(num_virtual_tokens=prefix.num_virtual_tokens, task_type=task_type)
 
 
 _FUSED_PATTERN_WARNING = re.compile(r"The following (rank|alpha)_pattern keys did not match any targeted module")
@@ -93,20 +125,71 @@ def fused_expert_patterns() -> Iterator[None]:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _apply_lora(model, method: MethodConfig, task_type: str):
+def _apply_adapter(model, method: MethodConfig, task_type: str):
     from peft import get_peft_model
 
-    peft_config = lora_config(method, task_type, model_type_of(model))
+    config = peft_config(method, task_type, model_type_of(model))
+    refuse_adapter(method, model)
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
         with fused_expert_patterns():
-            return get_peft_model(model, peft_config)
-    except ValueError as exc:
-        reason = str(exc).splitlines()[0]
-        if "lora_dropout" in reason:
-            # PEFT adapts fused expert tensors as parameters, where dropout on the input cannot be applied.
-            raise DsftError(f"method.lora.dropout: must be 0 for this model, whose MoE experts LoRA adapts as fused weights ({reason})") from None
-        raise DsftError(f"method.lora.target_modules: {reason}; linear modules of this model: {', '.join(names)}") from None
+            wrapped = get_peft_model(model, config)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        raise adapter_error(exc, method, names) from None
+    check_patterns(wrapped, method)
+    return wrapped
+
+
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
+"""DeepSeek's multi-head latent attention: keys and values come from one compressed projection, whose cache PEFT's
+prefix tuning cannot extend with its per-head prefix (the shapes differ)."""
+
+
+def refuse_adapter(method: MethodConfig, model) -> None:
+    """Raise DsftError, before PEFT wraps model, for the combinations of method and architecture PEFT cannot train
+    (its own errors there are an AttributeError deep inside, or a shape mismatch at the first forward)."""
+    model_type = model_type_of(model)
+    # Fused MoE experts (3D weights), which LoRA all-linear reaches as parameters (PEFT's ParamWrapper).
+    experts = method.lora.target_modules == "all-linear" and any(p.ndim == 3 for p in model.parameters())
+    if method.type == "prefix" and method.prefix.kind == "prefix" and model_type in MLA_MODEL_TYPES:
+        raise DsftError(f"method.prefix.kind prefix: {model_type}'s multi-head latent attention caches compressed keys "
+                        "and values, which PEFT's prefix tuning cannot extend; use kind prompt (prompt tuning)")
+    if method.lora_family and experts and method.lora.init in ("pissa", "olora"):
+        raise DsftError(f"method.lora.init {method.lora.init}: PEFT initialises so only nn.Linear weights, and "
+                        f"all-linear adapts this model's fused MoE experts as parameters; name the linear modules in "
+                        f"method.lora.target_modules (e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)")
+    if method.lora_family and experts and method.lora.use_dora:
+        raise DsftError("method.lora.use_dora: PEFT's DoRA works on nn.Linear layers, and all-linear adapts this "
+                        "model's fused MoE experts as parameters; name the linear modules in method.lora.target_modules "
+                        "(e.g. q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)")
+
+
+def adapter_error(exc: Exception, method: MethodConfig, linear_names: list[str]) -> DsftError:
+    """PEFT's refusal to wrap a model, as a DsftError naming the config key it concerns."""
+    reason = str(exc).splitlines()[0]
+    if "lora_dropout" in reason:
+        # PEFT adapts fused expert tensors as parameters, where dropout on the input cannot be applied.
+        return DsftError(f"method.lora.dropout: must be 0 for this model, whose MoE experts LoRA adapts as fused "
+                         f"weights ({reason})")
+    if "dora" in reason.lower():
+        return DsftError(f"method.lora.use_dora: {reason}")
+    key = {"ia3": "method.ia3.target_modules", "prefix": "method.prefix"}.get(method.type, "method.lora.target_modules")
+    return DsftError(f"{key}: {reason}; linear modules of this model: {', '.join(linear_names)}")
+
+
+def check_patterns(wrapped, method: MethodConfig) -> None:
+    """Raise DsftError for a method.lora.rank_pattern or alpha_pattern key that matches no adapted module (PEFT
+    only warns, and dsft keeps that warning back for its own fused-expert patterns, fused_expert_patterns)."""
+    if not method.lora_family:
+        return
+    from peft.tuners.lora.layer import LoraLayer
+
+    adapted = [name for name, module in wrapped.named_modules() if isinstance(module, LoraLayer)]
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(method.lora, field):
+            if not any(re.fullmatch(rf"(.*\.)?{key}", name) for name in adapted):
+                short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+                raise DsftError(f"method.lora.{field}.{key}: matches no adapted module; adapted: {', '.join(short)}")
 
 
 def linear_module_names(model) -> set[str]:

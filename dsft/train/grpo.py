@@ -32,11 +32,11 @@ from dsft.errors import DsftError
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.method import apply_method, count_parameters
 from dsft.train import run_dir as rd
+from dsft.train.adapters import adapter_precision, initialise_adapter
 from dsft.train.callbacks import MetricsCallback, RichProgressCallback
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.loop import (
     Guards,
-    adapter_precision,
     checkpoint_to_resume,
     data_fingerprints,
     pack_batches,
@@ -189,6 +189,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
         prompt_ids={p.text: list(p.ids) for p in prompts},
         ledger=SampleLedger(run_dir),  # not a callback: GRPO batches are sampled completions, not data rows
         keep_last_checkpoints=config.train.keep_last_checkpoints,
+        loraplus_lr_ratio=config.method.lora.plus_lr_ratio if config.method.lora_family else None,
     )
     if "ref" in getattr(trainer.model, "peft_config", {}):
         # TRL copies a given adapter as a "ref" adapter, for re-training a pretrained one. dsft's adapter is new
@@ -196,6 +197,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
         trainer.model.delete_adapter("ref")
     trainer.remove_callback(PrinterCallback)
     adapter_precision(trainer, config)
+    initialise_adapter(trainer.model, config, run_dir)
     nonfinite = NonFiniteGuard(trainer, config.train.nonfinite, config.train.max_consecutive_nonfinite,
                                not trainer.args.fp16, console.print)
     trainer.add_callback(nonfinite)

@@ -24,6 +24,7 @@ from dsft.models.kernels import optimizer_name, packed_attention, set_attention
 from dsft.models.load import BASE_MODEL_DIR
 from dsft.models.packed_forward import pack_model
 from dsft.train import run_dir as rd
+from dsft.train.adapters import adapter_precision, conversion_kwargs, initialise_adapter
 from dsft.train.adversarial import build_adversary
 from dsft.train.callbacks import METRICS_FILE, MetricsCallback, RichProgressCallback, truncate_log
 from dsft.train.checkpoints import newest_good_checkpoint
@@ -172,30 +173,17 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         # Several processes: each epoch's samples once over the ranks (every stage built here; TRL's mixes weigh
         # each pair equally in its step, trl_stage.DsftTrlTrainer).
         whole_epochs=True,
+        loraplus_lr_ratio=config.method.lora.plus_lr_ratio if config.method.lora_family else None,
         **trainer_kwargs,
     )
     # The rich progress bar replaces transformers' printing of raw log dicts.
     trainer.remove_callback(PrinterCallback)
     adapter_precision(trainer, config)
+    initialise_adapter(trainer.model, config, run_dir)
     fp16 = trainer.args.fp16
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
-
-
-def adapter_precision(trainer, config: RunConfig) -> None:
-    """A qlora adapter trains in bfloat16 under bf16 mixed precision (the QLoRA paper's recipe, which TRL's trainers
-    apply to every quantized model) and in float32 otherwise, in every stage alike: TRL's cast to bfloat16 would meet
-    float32 activations where no autocast runs (fp32 and fp16 runs, the CPU). DoRA's magnitude vector stays float32
-    (its small updates would round away in bfloat16)."""
-    import torch
-
-    if config.method.type != "qlora":
-        return
-    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float32
-    for name, parameter in trainer.model.named_parameters():
-        if parameter.requires_grad and parameter.dtype != dtype and "lora_magnitude_vector" not in name:
-            parameter.data = parameter.data.to(dtype)
 
 
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
@@ -308,7 +296,7 @@ def _save_model(model, tokenizer, run_dir: Path, config: RunConfig, state_dict: 
     try:
         # Only a sharded engine passes the gathered state dict (the multitask module takes no such argument).
         gathered = {} if state_dict is None else {"state_dict": state_dict}
-        model.save_pretrained(staging, safe_serialization=True, **gathered)
+        model.save_pretrained(staging, safe_serialization=True, **gathered, **conversion_kwargs(config, run_dir))
         tokenizer.save_pretrained(staging)
         for path in sorted(staging.iterdir()):
             os.replace(path, run_dir / path.name)

@@ -41,6 +41,7 @@ from dsft.models.packed_forward import is_packed
 from dsft.models.value_head import ValueHead, model_hidden_size, save_value_head
 from dsft.train import rl_math
 from dsft.train import run_dir as rd
+from dsft.train.adapters import initialise_adapter
 from dsft.train.callbacks import MetricsCallback
 from dsft.train.guards import StopOnSignal
 from dsft.train.loop import checkpoint_to_resume, data_fingerprints, pack_batches, save_model
@@ -102,7 +103,9 @@ def run_ppo(
     console = console or Console(soft_wrap=True)
     hf_logging.disable_progress_bar()
     started_s = time.perf_counter()
-    refuse_settings(config, "ppo", {"train.eval_steps": config.train.eval_steps is not None})
+    refuse_settings(config, "ppo", {"train.eval_steps": config.train.eval_steps is not None,
+                                    # dsft's own PPO loop builds its AdamW itself, with one learning rate
+                                    "method.lora.plus_lr_ratio": config.method.lora.plus_lr_ratio is not None})
     run_dir = rd.prepare_run_dir(config.output, resume=resume)
     console.print(f"run directory: {run_dir}")
     checkpoint = checkpoint_to_resume(run_dir, console) if resume else None  # also cuts metrics.jsonl back
@@ -120,6 +123,7 @@ def run_ppo(
     model = rd.start_model(config, tokenizer, run_dir, console)
     reference = None if config.method.adapter else _frozen_copy(model).to(device)
     policy = apply_method(model, config.method).to(device)
+    initialise_adapter(policy, config, run_dir)
     _disable_dropout(policy)  # the first update's ratio to the rollout policy is then exactly 1
     if config.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable()

@@ -51,8 +51,11 @@ class DsftTrainer(Trainer):
     """Micro-batches in the current optimizer step over all ranks (set by step_totals)."""
 
     def __init__(self, *args, ledger: SampleLedger, keep_last_checkpoints: int, adversary=None,
-                 loss_chunk_tokens: int | None = None, whole_epochs: bool = False, **kwargs):
+                 loss_chunk_tokens: int | None = None, whole_epochs: bool = False,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        """LoRA+ (method.lora.plus_lr_ratio): the B matrices' learning rate over the rest's, or None."""
         self.whole_epochs = whole_epochs
         """Under several processes, deal each epoch's samples over the ranks exactly once (data.batches) instead of
         accelerate's even batches, which repeat samples from the epoch's start to fill a short last step."""
@@ -137,6 +140,14 @@ class DsftTrainer(Trainer):
         if _is_peft(self.model):
             return super()._load_best_model()
         _load_full_weights(self.model, self.state.best_model_checkpoint)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        from dsft.train.adapters import loraplus_optimizer
+
+        self.optimizer = loraplus_optimizer(self, self.loraplus_lr_ratio)
+        return self.optimizer
 
     def _save_checkpoint(self, model, trial):
         root = Path(self.args.output_dir)

@@ -209,23 +209,35 @@ def data_lines(stats: DataStats) -> list[str]:
 
 def build_reference_trainer(config: RunConfig, run_dir: Path, policy, reference, tokenizer, train_rows: list[dict],
                             validation_rows: list[dict], console, collator, trainer_class, args):
-    """(trainer, Guards) of a stage with a reference model (DPO, KTO): TRL wraps the policy with dsft's LoRA
+    """(trainer, Guards) of a stage with a reference model (DPO, KTO): TRL wraps the policy with dsft's adapter
     config itself (and disables that adapter for the reference pass when reference is None).
 
-    Raises DsftError when method.lora.target_modules names no module of the model.
+    Raises DsftError when the adapter's target modules name no module of the model (method.adapter_error).
     """
     from dsft.models.families import model_type_of
-    from dsft.models.method import fused_expert_patterns, lora_config
+    from dsft.models.method import (
+        adapter_error,
+        check_patterns,
+        fused_expert_patterns,
+        linear_module_names,
+        peft_config,
+        refuse_adapter,
+    )
     from dsft.train.loop import build_trainer
 
-    peft_config = lora_config(config.method, model_type=model_type_of(policy)) if config.method.adapter else None
+    adapter = peft_config(config.method, model_type=model_type_of(policy)) if config.method.adapter else None
+    if adapter is not None:
+        refuse_adapter(config.method, policy)
     validation = as_dataset(validation_rows, False) if validation_rows else []
+    names = sorted(linear_module_names(policy))
     try:
         with fused_expert_patterns():  # TRL wraps the policy with peft_config
-            return build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation, console,
-                                 collator, trainer_class=trainer_class, args=args, ref_model=reference,
-                                 peft_config=peft_config, packing="own")
-    except ValueError as exc:
-        if peft_config is None or "target" not in str(exc).lower():
+            built = build_trainer(config, run_dir, policy, tokenizer, as_dataset(train_rows, True), validation,
+                                  console, collator, trainer_class=trainer_class, args=args, ref_model=reference,
+                                  peft_config=adapter, packing="own")
+    except (ValueError, NotImplementedError) as exc:
+        if adapter is None:
             raise
-        raise DsftError(f"method.lora.target_modules: {str(exc).splitlines()[0]}") from None
+        raise adapter_error(exc, config.method, names) from None
+    check_patterns(built[0].model, config.method)
+    return built

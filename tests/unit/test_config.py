@@ -95,7 +95,7 @@ def test_wrong_type_and_bad_value_name_the_key(tmp_path):
 
 def test_bad_choice_lists_what_is_allowed(tmp_path):
     message = error_of(tmp_path, MINIMAL + "method:\n  type: dora\n")
-    assert "method.type (line 6): Input should be 'full', 'lora', 'qlora' or 'freeze' (got 'dora')" in message
+    assert "method.type (line 6): Input should be 'full', 'lora', 'qlora', 'prefix', 'ia3' or 'freeze' (got 'dora')" in message
 
 
 def test_model_needs_exactly_one_source(tmp_path):

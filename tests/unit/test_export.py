@@ -138,9 +138,21 @@ def test_rslora_rank_and_alpha_patterns_and_modules_to_save_merge_as_peft_does(t
 
 
 def test_an_adapter_with_another_update_rule_is_not_merged(tmp_path):
-    _save(_tiny_qwen2(), PeftLoraConfig(r=4, use_dora=True, target_modules=["q_proj"]), tmp_path)
-    with pytest.raises(DsftError, match="adapter option use_dora is set.*export without --merge"):
+    _save(_tiny_qwen2(), PeftLoraConfig(r=4, lora_bias=True, target_modules=["q_proj"]), tmp_path)
+    with pytest.raises(DsftError, match="adapter option lora_bias is set.*export without --merge"):
         _merge(tmp_path)
+
+
+def test_a_dora_merge_equals_peft_merge_and_unload(tmp_path):
+    """DoRA: m * (W + delta) / ||W + delta|| row by row; PEFT's own merge is the reference."""
+    peft_model = _save(_tiny_qwen2(), PeftLoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                     target_modules=["q_proj", "down_proj"]), tmp_path)
+    _merge(tmp_path)
+    expected = {k: v for k, v in peft_model.merge_and_unload().state_dict().items()}
+    merged = _stored(tmp_path / "out")
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(merged[key], _stored(tmp_path / "base")[key], atol=1e-3)  # the update is there
 
 
 def test_a_requested_dtype_applies_to_every_floating_tensor(tokenizer, tmp_path):
