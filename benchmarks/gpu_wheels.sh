@@ -18,7 +18,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYT
   multiprocess==0.70.19 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
   typing-extensions==4.16.0 nltk==3.10.4 defusedxml==0.7.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 \
   opentelemetry-api==1.45.2 datasketch==2.0.0 huggingface-hub==2.4.0 httpx2==2.16.2 kernels==0.19.1 tomlkit==0.15.3 \
-  httpcore2==2.16.2 truststore==0.10.5 click==8.5.1 hf-xet==1.8.0 idna==3.20 h11==0.16.0 anyio==4.16.0 fsspec==2026.9.0
+  httpcore2==2.16.2 truststore==0.10.5 click==8.5.1 hf-xet==1.8.0 idna==3.20 h11==0.16.0 anyio==4.16.0 fsspec==2026.9.0 \
+  bitsandbytes==0.50.2
 # rouge-score and seqeval ship only as source archives: build their (pure Python) wheels here.
 python3 -m pip wheel -q --no-deps -w "$dest" rouge-score==0.1.2 seqeval==1.2.2
 ls -l "$dest"

@@ -328,9 +328,19 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "unfreeze": [entry.model_dump() for entry in config.method.unfreeze] or None,
         "adversarial": config.train.adversarial.model_dump() if config.train.adversarial.method != "none" else None,
         "total_parameters": counts.total,
+        "weight_memory_bytes": _weight_bytes(trainer.model),
         "quantization": _quantization(config, trainer.model),
         "data": dataclasses.asdict(stats),
     }
+
+
+def _weight_bytes(model) -> int:
+    """Bytes the model's weights and buffers hold (a quantized base in its packed form), adapters included."""
+    footprint = getattr(model, "get_memory_footprint", None)
+    if footprint is not None:
+        return int(footprint())
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _quantization(config, model) -> dict | None:

@@ -74,6 +74,8 @@ class Plan:
     configured: str
     model: str = ""
     """Where the model's shape came from: a preset, a config.json, or a published shape (dsft/models/shapes.py)."""
+    method: str = ""
+    """What the method trains and what its frozen weights hold in memory."""
 
     def fits(self, estimate: EngineEstimate) -> bool:
         return estimate.gpu_bytes <= self.gpu_memory_gib * GIB * USABLE_FRACTION
@@ -85,11 +87,12 @@ class Plan:
         return data
 
 
-def state_bytes(total_parameters: int, trainable_parameters: int, frozen_weight_bytes: int) -> StateBytes:
-    """16 bytes per trained parameter (2 + 2 + 12), frozen_weight_bytes per frozen one (weights only)."""
+def state_bytes(total_parameters: int, trainable_parameters: int, frozen_weight_bytes: float) -> StateBytes:
+    """16 bytes per trained parameter (2 + 2 + 12), frozen_weight_bytes per frozen one (weights only; a fraction for
+    a quantized base)."""
     frozen = total_parameters - trainable_parameters
     return StateBytes(
-        weights=TRAINED_WEIGHT_BYTES * trainable_parameters + frozen_weight_bytes * frozen,
+        weights=TRAINED_WEIGHT_BYTES * trainable_parameters + int(frozen_weight_bytes * frozen),
         gradients=TRAINED_GRADIENT_BYTES * trainable_parameters,
         optimizer=TRAINED_OPTIMIZER_BYTES * trainable_parameters,
     )
@@ -131,7 +134,7 @@ def engine_estimate(engine: str, states: StateBytes, activations: int, gpus: int
     raise DsftError(f"train.distributed: unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
 
 
-def make_plan(total_parameters: int, trainable_parameters: int, frozen_weight_bytes: int, activations: int,
+def make_plan(total_parameters: int, trainable_parameters: int, frozen_weight_bytes: float, activations: int,
               gpus: int, gpu_memory_gib: float, configured: str = "ddp", zero3_activations: int | None = None) -> Plan:
     """Every engine's estimate and the first of ENGINES that fits (None when none does). zero3_activations: the
     activations of zero3 and zero3_offload on several GPUs when they differ (the chunked loss does not run there, so
@@ -178,25 +181,28 @@ def model_shape(config: RunConfig):
 
 
 def count_on_meta(shape, config: RunConfig):
-    """ParamCounts of the model with the run's method applied, built on the meta device (no memory)."""
+    """(ParamCounts, bytes of the frozen weights as the run holds them) of the model with the run's method applied,
+    built on the meta device (no memory)."""
     import warnings
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from dsft.models.method import apply_method, count_parameters
+    from dsft.models.quantize import frozen_weight_bytes
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on unmatched patterns say nothing about memory
         model = AutoModelForCausalLM.from_config(shape, trust_remote_code=config.model.trust_remote_code)
         model = apply_method(model, config.method)
-    return count_parameters(model)
+    dtype_bytes = 4 if config.model.dtype == "float32" else 2
+    return count_parameters(model), frozen_weight_bytes(model, config.method, dtype_bytes)
 
 
 def plan_run(config: RunConfig, gpus: int, gpu_memory_gib: float) -> Plan:
     """The plan of a run config on gpus GPUs of gpu_memory_gib each. Raises DsftError on an unreadable model."""
     shape, source = model_shape(config)
-    counts = count_on_meta(shape, config)
+    counts, frozen_bytes = count_on_meta(shape, config)
     text = shape.get_text_config() if hasattr(shape, "get_text_config") else shape
     train = config.train
     chunk = None if train.chunked_loss == "off" else train.loss_chunk_tokens  # auto: on CUDA, where plans matter
@@ -205,10 +211,29 @@ def plan_run(config: RunConfig, gpus: int, gpu_memory_gib: float) -> Plan:
         return activation_bytes(train.batch_size, config.data.max_length_tokens, text.hidden_size,
                                 text.num_hidden_layers, text.vocab_size, train.gradient_checkpointing, chunk_tokens)
 
-    frozen_weight_bytes = 4 if config.model.dtype == "float32" else 2
-    plan = make_plan(counts.total, counts.trainable, frozen_weight_bytes, activations(chunk), gpus, gpu_memory_gib,
+    frozen = counts.total - counts.trainable
+    # Bytes per frozen parameter on average: a quantized base holds most of them in about half a byte.
+    per_frozen = frozen_bytes / frozen if frozen else 2
+    plan = make_plan(counts.total, counts.trainable, per_frozen, activations(chunk), gpus, gpu_memory_gib,
                      train.distributed, zero3_activations=activations(None) if chunk is not None else None)
-    return dataclasses.replace(plan, model=source)
+    return dataclasses.replace(plan, model=source, method=_method_line(config, counts, frozen_bytes))
+
+
+def _method_line(config: RunConfig, counts, frozen_bytes: int) -> str:
+    """What the method trains and holds: e.g. "qlora (nf4, double quantization): trains 1.2% ... frozen 3.9 GiB"."""
+    method = config.method
+    name = method.type
+    if method.type == "qlora":
+        q = method.qlora
+        name += f" ({q.bits}-bit" + (f" {q.quant_type}{', double quantization' if q.double_quant else ''})"
+                                     if q.bits == 4 else ")")
+    share = counts.trainable / counts.total if counts.total else 0.0
+    return (f"{name}: trains {counts.trainable:,} parameters ({share:.2%}), holds the "
+            f"{counts.total - counts.trainable:,} frozen ones in {_size(frozen_bytes)}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.2f} MiB"
 
 
 def print_plan(plan: Plan, as_json: bool) -> None:
@@ -223,6 +248,8 @@ def print_plan(plan: Plan, as_json: bool) -> None:
     console.print(f"model: {plan.model}")
     console.print(f"parameters: {plan.total_parameters:,} total, {plan.trainable_parameters:,} trained; "
                   f"{plan.gpus} GPU(s) of {plan.gpu_memory_gib:g} GiB ({USABLE_FRACTION:.0%} planned)")
+    if plan.method:
+        console.print(f"method {plan.method}")
     table = Table("engine", "weights", "gradients", "optimizer", "activations", "per GPU", "CPU per rank", "fits",
                   title="per-GPU memory, GiB")
     for e in plan.estimates:

@@ -56,3 +56,22 @@ def test_larger_packed_rows_keep_every_recipe_behind_the_gate(tmp_path):
     for recipe, row in rows.items():
         assert row["status"] == "ok", (recipe, row.get("reason"))
         assert len(row["losses"]) == 3 and row["real_tokens"] > 3 * 64  # a step holds more than one 64-token row
+
+
+def test_the_method_table_script_runs_and_writes_its_table(tmp_path):
+    """benchmarks/methods.py, as short as it goes (no base training, 2 steps, two methods): each method in its own
+    process, the JSON and the markdown table written (the numbers are the README's, from a full run)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "methods.json"
+    process = subprocess.run([sys.executable, "benchmarks/methods.py", "--methods", "full,lora", "--base-steps", "0",
+                              "--steps", "2", "--max-length", "32", "--batch-size", "4", "--work", str(tmp_path / "w"),
+                              "--output", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert process.returncode == 0, process.stderr[-2000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert set(report["results"]) == {"full", "lora"} and all("error" not in r for r in report["results"].values())
+    lora, full = report["results"]["lora"], report["results"]["full"]
+    assert lora["trainable_parameters"] < full["trainable_parameters"] == full["total_parameters"]
+    assert lora["peak_memory_bytes"] > 0 and lora["tokens_per_second"] > 0
+    assert "| lora |" in out.with_suffix(".md").read_text(encoding="utf-8")

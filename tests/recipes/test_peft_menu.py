@@ -99,3 +99,25 @@ def test_dora_on_deepseek_attention_trains(tmp_path, tiny_data):
     result = run_sft(load_config(make_config(tmp_path, tiny_data, model={"preset": "tiny-deepseek-v3"}, method=method,
                                              train={"max_steps": 2})))
     assert any("lora_magnitude_vector" in name for name, _ in result.model.named_parameters())
+
+
+@pytest.mark.gpu
+def test_loftq_fits_the_adapter_to_the_4bit_base_on_cuda(tmp_path, tiny_data):
+    """LoftQ (PEFT's replace_lora_weights_loftq, CUDA only): before any step the adapter is fitted to the 4-bit base's
+    quantization error (B is not the zero LoRA starts from), and the run trains."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from rich.console import Console
+
+    from dsft.models.method import apply_method
+    from dsft.train import run_dir as rd
+    from dsft.train.adapters import initialise_adapter
+
+    method = {"type": "qlora", "lora": {**LORA, "init": "loftq"}}
+    config = load_config(make_config(tmp_path, tiny_data, model={"preset": "tiny-qwen2"}, method=method,
+                                     train={"max_steps": 2}))
+    tokenizer = run_sft(config).tokenizer  # the run trains; its tokenizer builds the same start again
+    model = apply_method(rd.start_model(config, tokenizer, tmp_path / "run", Console(quiet=True)), config.method)
+    assert all(p.abs().sum() == 0 for name, p in model.named_parameters() if "lora_B" in name)
+    initialise_adapter(model, config, tmp_path / "run")
+    assert all(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)

@@ -84,6 +84,20 @@ def test_plan_of_a_config_counts_on_meta(tmp_path):
     assert lora.recommended == "ddp"
 
 
+def test_qlora_holds_its_quantized_linear_weights_in_about_half_a_byte(tmp_path):
+    plan = plan_run(load_config(_config(tmp_path, {"type": "qlora", "lora": {"r": 8}})), 1, 80)
+    assert (plan.total_parameters, plan.trainable_parameters) == (TOTAL + LORA_R8, LORA_R8)
+    # Every linear but the head quantized: 4 bits plus a double-quantized scale per block of 64 values.
+    linear = (4096 + 64 + 2048 + 32 + 2048 + 32 + 4096 + 24576 - 64 - 32 - 32) * 2  # weights only: biases are 1-D
+    norms_and_biases = (64 + 32 + 32 + 2 * 64) * 2 + 64
+    embeddings_and_head = 16384 * 2
+    per_weight = (4 + (8 + 32 / 256) / 64) / 8
+    expected = int(linear * per_weight + norms_and_biases * 4 + embeddings_and_head * 2)
+    assert plan.estimates[0].weights == 2 * LORA_R8 + expected
+    assert plan.method == (f"qlora (4-bit nf4, double quantization): trains 16,384 parameters (13.27%), holds the "
+                           f"107,072 frozen ones in {expected / 2**20:.2f} MiB")
+
+
 def test_cli_plan_json(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(_config(tmp_path, {"type": "full"})), "--gpus", "8", "--json"])
     assert result.exit_code == 0, result.output
