@@ -125,7 +125,7 @@ def _load_file(
         try:
             record = fields.apply(record)
         except DsftError as error:
-            _skip_or_raise(error, skip_bad, stats)
+            skip_or_raise(error, skip_bad, stats)
             continue
         if file_format is None:
             file_format = detect_format(record)  # outside the try: a file of unknown layout is never skipped
@@ -133,7 +133,7 @@ def _load_file(
             examples.append(_explained(fields, to_example, record, file_format, system_prompt,
                                        require_answer=require_answer))
         except DsftError as error:
-            _skip_or_raise(error, skip_bad, stats)
+            skip_or_raise(error, skip_bad, stats)
         if limit is not None and len(examples) >= limit:
             break
     return examples
@@ -142,7 +142,8 @@ def _load_file(
 T = TypeVar("T")
 
 
-def _skip_or_raise(error: DsftError, skip_bad: bool, stats: DataStats) -> None:
+def skip_or_raise(error: DsftError, skip_bad: bool, stats: DataStats) -> None:
+    """Count a bad record's error in stats (skip_bad, on_error skip), else raise it."""
     if not skip_bad:
         raise error
     stats.add_skip(error)
@@ -179,7 +180,7 @@ def load_validated(files: Sequence[str], validate: Callable[[RawRecord], T], on_
             try:
                 results.append(_explained(fields, validate, fields.apply(record)))
             except DsftError as error:
-                _skip_or_raise(error, skip_bad, stats)
+                skip_or_raise(error, skip_bad, stats)
     return results
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from dsft.data.balance import class_distribution, rebalance_indices
 from dsft.data.columns import FieldMap
-from dsft.data.dataset import DataStats
+from dsft.data.dataset import DataStats, skip_or_raise
 from dsft.data.dedup import DuplicateFinder
 from dsft.data.fields import record_text
 from dsft.data.fingerprint import Fingerprint, write_fingerprint
@@ -118,20 +118,15 @@ def _valid(record: RawRecord, fmt_box: dict, fields: FieldMap, config: PrepareCo
     try:
         record = fields.apply(record)
     except DsftError as error:
-        return _skip(error, config, stats)
+        return skip_or_raise(error, config.on_error == "skip", stats)
     if fmt_box["format"] is None:
         fmt_box["format"] = detect_format(record)  # a file of unknown layout is an error even with on_error skip
     try:
         to_example(record, fmt_box["format"])
     except DsftError as error:
-        return _skip(fields.explain(error), config, stats)
+        return skip_or_raise(fields.explain(error), config.on_error == "skip", stats)
     return record
 
-
-def _skip(error: DsftError, config: PrepareConfig, stats: DataStats) -> None:
-    if config.on_error != "skip":
-        raise error
-    stats.add_skip(error)
 
 
 def _record_steps(table, config: PrepareConfig, fmt: str, tokenizer, report: dict):

@@ -87,8 +87,7 @@ def build_quantized(model: ModelConfig, tokenizer, method: MethodConfig, source:
     dtype = resolve_dtype(model.dtype)
     origin = model if source is None else model.model_copy(update={"name_or_path": str(source), "preset": None,
                                                                    "revision": None})
-    keep = () if task == "causal_lm" else ("score",)  # a classifier's head trains in full: never quantized
-    quantized = quantization_kwargs(method, dtype, keep)
+    quantized = quantization_kwargs(method, dtype, task)
     loaded = _guarded(lambda: _from_pretrained(origin, dtype, task, **quantized, **extra),
                       "model.name_or_path", str(origin.name_or_path))
     if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
@@ -295,7 +294,7 @@ def _full_or_adapter(run_dir: Path, config: RunConfig, dtype: str, auto_class, h
     recorded = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     name = config.model.name_or_path
     # A qlora adapter runs on the base it trained on (a classifier's head unquantized, as it trained).
-    quantized = quantization_kwargs(config.method, torch_dtype, () if run_task(config) == "causal_lm" else ("score",))
+    quantized = quantization_kwargs(config.method, torch_dtype, run_task(config))
     if os.path.lexists(run_dir / BASE_MODEL_DIR):
         base_dir = _own_base_dir(run_dir, recorded, adapter_config)
         base = auto_class.from_pretrained(base_dir, dtype=torch_dtype, use_safetensors=True, **quantized)

@@ -27,10 +27,10 @@ def require_bitsandbytes() -> None:
         raise DsftError('method.type qlora needs bitsandbytes: pip install "dsft[qlora]" (or bitsandbytes)') from None
 
 
-def quantization_kwargs(method: MethodConfig, dtype, keep: tuple[str, ...] = ()) -> dict:
+def quantization_kwargs(method: MethodConfig, dtype, task: str = "causal_lm") -> dict:
     """from_pretrained arguments that load the frozen base as method.qlora says ({} for other methods): its
-    BitsAndBytesConfig and a device_map placing it on this process's device. keep: module names left unquantized
-    besides method.qlora.skip_modules (a classifier's head)."""
+    BitsAndBytesConfig and a device_map placing it on this process's device. A classifier task's head ("score")
+    stays unquantized besides method.qlora.skip_modules: it trains in full."""
     if method.type != "qlora":
         return {}
     import torch
@@ -38,7 +38,7 @@ def quantization_kwargs(method: MethodConfig, dtype, keep: tuple[str, ...] = ())
 
     require_bitsandbytes()
     q = method.qlora
-    skip = [*q.skip_modules, *keep] or None
+    skip = [*q.skip_modules, *(() if task == "causal_lm" else ("score",))] or None
     if q.bits == 8 and not torch.cuda.is_available():
         raise DsftError("method.qlora.bits: 8 needs CUDA. On the CPU bitsandbytes trains 8-bit layers through "
                         "dequantized weights but evaluates them with LLM.int8's quantized activations, which fails on "

@@ -25,7 +25,7 @@ def test_settings_that_cannot_work_are_refused():
 
 def test_the_bitsandbytes_config_says_what_the_section_says():
     method = MethodConfig(type="qlora", qlora={"quant_type": "fp4", "double_quant": False, "skip_modules": ["o_proj"]})
-    config = quantization_kwargs(method, torch.float32, ("score",))["quantization_config"]
+    config = quantization_kwargs(method, torch.float32, "classification")["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "fp4" and not config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float32 and config.llm_int8_skip_modules == ["o_proj", "score"]
     assert quantization_kwargs(MethodConfig(type="lora"), torch.float32) == {}
