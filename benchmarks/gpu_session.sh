@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh bench_d bench_a_longest
 # Steps: varlen switches serve bench_a bench_a_rows bench_b bench_c bench_d bench_a_longest serve_continuous
 # qlora (the gpu-marked QLoRA, 8-bit and LoftQ tests) methods_7b (LoRA against QLoRA on R1-Distill-Qwen-7B shapes,
-# 2k tokens: the target) methods_1.5b (the whole method table on R1-Distill-Qwen-1.5B shapes).
+# 2k tokens: the target) methods_1.5b (the whole method table on R1-Distill-Qwen-1.5B shapes)
+# moe_telemetry (the MoE load telemetry's share of a LoRA step on DeepSeek-V2-Lite shapes, 6 layers; target < 3%).
 # Environment: OUT (logs and JSON; default benchmarks/results/gpu_session), BUDGET_S (whole script, default 540),
 # PYTHON (default python3), WHEELS (default .whl), SITE (where the wheels are installed, default /tmp/site),
 # DSFT_REHEARSAL=1: the same steps on a CPU with the tiny suite and a tiny preset, to try this script and the wheels
@@ -27,9 +28,11 @@ exec > >(tee -a "$OUT/session.log") 2>&1
 if [[ ${DSFT_REHEARSAL:-0} == 1 ]]; then
   suite=tiny shape=tiny-qwen2 serve_tokens=8 clients=1,4 rows=128  # qwen2: the GPU shape's family; continuous needs it
   large=small-qwen2 small=small-qwen2 method_steps=2 method_tokens=32
+  moe=(--shape tiny-deepseek-v3 --tokens 32 --batch 2 --steps 2 --warmup 1)
 else
   suite=h100 shape=deepseek-r1-distill-qwen-1.5b serve_tokens=128 clients=1,64 rows=16384
   large=deepseek-r1-distill-qwen-7b small=deepseek-r1-distill-qwen-1.5b method_steps=10 method_tokens=2048
+  moe=(--shape deepseek-v2-lite --layers 6 --tokens 2048 --batch 2 --steps 10 --warmup 3)
 fi
 methods=("$PY" benchmarks/methods.py --base-steps 0 --steps "$method_steps" --max-length "$method_tokens"
          --batch-size 1 --gradient-checkpointing --work /tmp/dsft_methods)
@@ -52,6 +55,7 @@ declare -A steps=(
   [qlora]="300|$PY -m pytest -q -p no:cacheprovider -m gpu tests/recipes/test_qlora.py tests/recipes/test_peft_menu.py"
   [methods_7b]="420|${methods[*]} --shape $large --methods lora,qlora --output $OUT/methods_7b.json"
   [methods_1.5b]="540|${methods[*]} --shape $small --output $OUT/methods_1.5b.json"
+  [moe_telemetry]="240|$PY benchmarks/moe_telemetry.py ${moe[*]} --output $OUT/moe_telemetry_v2_lite.json"
 )
 chosen=("$@")
 [[ ${#chosen[@]} -gt 0 ]] || chosen=(varlen serve bench_a switches)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dsft.config.base import Section
+from dsft.config.moe import MoeConfig
 
 
 class LoraConfig(Section):
@@ -106,6 +107,8 @@ class MethodConfig(Section):
     """Settings for type ia3."""
     freeze: FreezeConfig = FreezeConfig()
     """Settings for type freeze."""
+    moe: MoeConfig = MoeConfig()
+    """Mixture-of-experts models: router policy, load balancing, which experts LoRA adapts, load telemetry."""
     unfreeze: list[UnfreezeStep] = []
     """Progressive unfreezing (types full and lora): the head (and final norm) trains from the start, each entry
     adds top decoder layers from its step on, e.g. [{step: 0, layers: 0}, {step: 100, layers: 4}, {step: 300, layers: all}]."""
@@ -134,7 +137,23 @@ class MethodConfig(Section):
         if steps != sorted(set(steps)) or layers != sorted(layers):
             raise ValueError("method.unfreeze entries must have increasing steps and non-decreasing layers")
         self._check_lora_combinations()
+        self._check_moe()
         return self
+
+    def _check_moe(self) -> None:
+        moe = self.moe
+        lora_only = ("experts", "top_experts", "shared_rank", "routed_rank")
+        for key in lora_only if not self.lora_family else ():
+            if key in moe.changed():
+                raise ValueError(f"method.moe.{key} chooses what LoRA adapts: it needs method.type lora or qlora")
+        if "router_adapter" in moe.changed() and not self.adapter:
+            raise ValueError(f"method.moe.router_adapter applies to the adapter methods; method.type {self.type} "
+                             "trains the gate itself when method.moe.router is train")
+        if moe.router == "freeze" and self.unfreeze:
+            raise ValueError("method.moe.router freeze with method.unfreeze: unfreezing a layer trains its router; "
+                             "leave method.moe.router auto or train")
+        if moe.router_adapter == "lora" and not self.lora_family:
+            raise ValueError("method.moe.router_adapter lora needs method.type lora or qlora")
 
     def _check_lora_combinations(self) -> None:
         lora, init = self.lora, self.lora.init

@@ -91,3 +91,10 @@ def refuse_packing(model, packing: bool) -> None:
     blocker = family_of(model_type_of(model)).packing_blocker
     if packing and blocker is not None:
         raise DsftError(f"train.packing: not available for {model_type_of(model)}: {blocker}; set train.packing: false")
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names of the model's linear layers (what LoRA target_modules may name)."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from dsft.config import MethodConfig
 from dsft.errors import DsftError
-from dsft.models.families import family_of, model_type_of
+from dsft.models.families import family_of, linear_module_names, model_type_of
 
 
 @dataclass(frozen=True)
@@ -36,42 +36,69 @@ def apply_method(model, method: MethodConfig, task_type: str = "CAUSAL_LM"):
     task_type is PEFT's: CAUSAL_LM, or SEQ_CLS / TOKEN_CLS for a classifier (its head "score" then trains in full).
     """
     if method.adapter:  # qlora: the base arrives quantized and frozen (models/quantize.py)
-        return _apply_adapter(model, method, task_type)
-    if method.type == "freeze":
+        model = _apply_adapter(model, method, task_type)
+    elif method.type == "freeze":
         _apply_freeze(model, method.freeze.trainable_layers, method.freeze.train_embeddings)
+    apply_router_policy(model, method)
     return model
 
 
-def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None):
+def apply_router_policy(model, method: MethodConfig) -> None:
+    """method.moe.router freeze: the routers' gate weights stop training (a modules_to_save copy that only
+    carries the correction bias included); train leaves them as the method made them."""
+    from dsft.models.moe import find_routers
+    from dsft.models.moe_targets import freeze_routers
+
+    if method.moe.router_for(method.type) == "freeze":
+        freeze_routers(model, find_routers(model))
+
+
+def lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None, model=None):
     """PEFT's LoraConfig for method.lora (task_type as in apply_method), for trainers that wrap the model themselves.
 
-    model_type (the model's config.model_type) shapes all-linear for the architectures models/families.py names.
+    model_type (the model's config.model_type) shapes all-linear for the architectures models/families.py names; with
+    model, an MoE model's targets and routers follow method.moe (models/moe_targets.py).
     """
     from peft import LoraConfig
 
     lora = method.lora
-    architecture = {}
-    if lora.target_modules == "all-linear":
-        family = family_of(model_type)
-        if family.lora_exclude is not None:
-            architecture["exclude_modules"] = family.lora_exclude
-        if family.expert_parameters:
-            architecture["target_parameters"] = list(family.expert_parameters)
+    architecture = _architecture_targets(method, model_type, model)
+    extra_saved = architecture.pop("extra_modules_to_save", [])
+    ranks, alphas = architecture.pop("moe_ranks", {}), architecture.pop("moe_alphas", {})
+    architecture.setdefault("target_modules", lora.target_modules)
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        modules_to_save=_modules_to_save(lora.modules_to_save, task_type),
+        modules_to_save=_modules_to_save([*lora.modules_to_save, *extra_saved], task_type),
         task_type=task_type,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         # loftq is fitted after wrapping (initialise_adapter), from the base's own weights: PEFT starts from B = 0.
         init_lora_weights=INITS[lora.init],
-        rank_pattern=dict(lora.rank_pattern),
-        alpha_pattern=dict(lora.alpha_pattern),
+        rank_pattern={**ranks, **lora.rank_pattern},
+        alpha_pattern={**alphas, **lora.alpha_pattern},
         **architecture,
     )
+
+
+def _architecture_targets(method: MethodConfig, model_type: str | None, model) -> dict:
+    """The LoraConfig arguments an architecture adds: MoE targets from method.moe where the model is known and has
+    routers, else the family's exclusions and expert parameters for all-linear."""
+    family = family_of(model_type)
+    if model is not None:
+        from dsft.models.moe_targets import moe_lora_arguments
+
+        arguments = moe_lora_arguments(method, model, family.lora_exclude)
+        if arguments:
+            return arguments
+    architecture = {}
+    if method.lora.target_modules == "all-linear":
+        if family.lora_exclude is not None:
+            architecture["exclude_modules"] = family.lora_exclude
+        if family.expert_parameters:
+            architecture["target_parameters"] = list(family.expert_parameters)
+    return architecture
 
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
@@ -85,11 +112,11 @@ def _modules_to_save(names: list[str], task_type: str) -> list[str] | None:
     return names or None
 
 
-def peft_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None):
+def peft_config(method: MethodConfig, task_type: str = "CAUSAL_LM", model_type: str | None = None, model=None):
     """PEFT's config of an adapter method (lora, qlora, prefix, ia3), for apply_method and the trainers that wrap
-    the model themselves (TRL's)."""
+    the model themselves (TRL's); model (the one to wrap) lets an MoE model's targets follow method.moe."""
     if method.lora_family:
-        return lora_config(method, task_type, model_type)
+        return lora_config(method, task_type, model_type, model)
     from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
 
     if method.type == "ia3":
@@ -128,7 +155,7 @@ def fused_expert_patterns() -> Iterator[None]:
 def _apply_adapter(model, method: MethodConfig, task_type: str):
     from peft import get_peft_model
 
-    config = peft_config(method, task_type, model_type_of(model))
+    config = peft_config(method, task_type, model_type_of(model), model)
     refuse_adapter(method, model)
     names = sorted(linear_module_names(model))  # before PEFT wraps them
     try:
@@ -190,13 +217,6 @@ def check_patterns(wrapped, method: MethodConfig) -> None:
             if not any(re.fullmatch(rf"(.*\.)?{key}", name) for name in adapted):
                 short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
                 raise DsftError(f"method.lora.{field}.{key}: matches no adapted module; adapted: {', '.join(short)}")
-
-
-def linear_module_names(model) -> set[str]:
-    """Short names of the model's linear layers (what LoRA target_modules may name)."""
-    import torch
-
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def decoder_layers(model):

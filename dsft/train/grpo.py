@@ -56,6 +56,7 @@ from dsft.train.rl_common import (
     reward_summary,
     tensorboard_writer,
 )
+from dsft.train.moe import setup_moe
 from dsft.train.trainer import DsftTrainer, SampleLedger
 from dsft.train.trl_stage import router_aux_loss_coef
 
@@ -175,8 +176,9 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     progress = RichProgressCallback(console, metrics)
     progress.status_keys = {"reward": "reward", "kl": "kl"}  # shown after the loss on the progress bar
     callbacks = [DsftMetricNames([c.name for c in components]), metrics, progress, stop_on_signal]
-    if config.train.tensorboard:
-        callbacks.append(TensorBoardCallback(tb_writer=tensorboard_writer(run_dir)))
+    writer = tensorboard_writer(run_dir) if config.train.tensorboard else None
+    if writer is not None:
+        callbacks.append(TensorBoardCallback(tb_writer=writer))
     rows = Dataset.from_list([{"prompt": p.text} for p in prompts])
     by_text = {p.text: p for p in prompts}
     trainer = DsftGrpoTrainer(
@@ -198,10 +200,11 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     trainer.remove_callback(PrinterCallback)
     adapter_precision(trainer, config)
     initialise_adapter(trainer.model, config, run_dir)
+    moe = setup_moe(trainer, config, run_dir, [{"prompt_ids": list(p.ids)} for p in prompts], console, writer)
     nonfinite = NonFiniteGuard(trainer, config.train.nonfinite, config.train.max_consecutive_nonfinite,
                                not trainer.args.fp16, console.print)
     trainer.add_callback(nonfinite)
-    return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
+    return trainer, Guards(metrics, nonfinite, stop_on_signal, progress, moe)
 
 
 def grpo_arguments(config: RunConfig, run_dir: Path, aux_loss_coef: float = 0.0):

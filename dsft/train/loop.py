@@ -38,6 +38,7 @@ from dsft.train.distributed import (
     write_engine_config,
 )
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
+from dsft.train.moe import collapse_error, setup_moe
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
 from dsft.train.unfreeze import ProgressiveUnfreezing
 
@@ -116,6 +117,8 @@ class Guards:
     nonfinite: NonFiniteGuard
     stop_on_signal: StopOnSignal
     progress: RichProgressCallback
+    moe: object = None
+    """The MoeTraining callback (train/moe.py) of an MoE model, else None."""
 
 
 def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows, validation_rows, console,
@@ -142,8 +145,9 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
         # First: it adds trainable_parameters to the log record that MetricsCallback writes; built before the
         # Trainer, while every parameter that will ever train still requires grad (and so enters the optimizer).
         callbacks.insert(0, ProgressiveUnfreezing(model, config.method.unfreeze, console.print, metrics.write))
-    if train.tensorboard:
-        callbacks.append(_tensorboard_callback(run_dir))
+    tensorboard = _tensorboard_callback(run_dir) if train.tensorboard else None
+    if tensorboard is not None:
+        callbacks.append(tensorboard)
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     args = training_arguments(train, run_dir, bool(validation_rows)) if args is None else args
@@ -180,10 +184,11 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     trainer.remove_callback(PrinterCallback)
     adapter_precision(trainer, config)
     initialise_adapter(trainer.model, config, run_dir)
+    moe = setup_moe(trainer, config, run_dir, train_rows, console, tensorboard.tb_writer if tensorboard else None)
     fp16 = trainer.args.fp16
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
-    return trainer, Guards(metrics, nonfinite, stop_on_signal, progress)
+    return trainer, Guards(metrics, nonfinite, stop_on_signal, progress, moe)
 
 
 def pack_batches(model, config: RunConfig, console: Console, what: str, *more_models) -> None:
@@ -246,6 +251,9 @@ def train_guarded(trainer, guards: Guards, checkpoint: Path | None, train: Train
     finally:
         guards.progress.stop()
         guards.stop_on_signal.restore()
+    collapsed = collapse_error(guards.moe, newest_good_checkpoint(Path(trainer.args.output_dir), warn=lambda line: None))
+    if collapsed is not None:
+        raise collapsed
     if guards.stop_on_signal.signal_name is not None:
         saved = newest_good_checkpoint(Path(trainer.args.output_dir), warn=lambda line: None)
         raise TrainingInterrupted(
@@ -330,6 +338,7 @@ def run_summary(config, train_output, eval_loss, stats: DataStats, counts, start
         "total_parameters": counts.total,
         "weight_memory_bytes": _weight_bytes(trainer.model),
         "quantization": _quantization(config, trainer.model),
+        "moe": trainer.moe_training.summary() if getattr(trainer, "moe_training", None) is not None else None,
         "data": dataclasses.asdict(stats),
     }
 

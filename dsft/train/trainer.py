@@ -72,6 +72,10 @@ class DsftTrainer(Trainer):
         self.keep_last_checkpoints = keep_last_checkpoints
         self.nonfinite_loss_seen = False
         """Set when a micro-batch loss is NaN/inf; the non-finite guard reads and clears it."""
+        self.moe_aux = None
+        """(ExpertLoads, method.moe.aux_loss) when auxiliary balance losses are on (train/moe.py), else None."""
+        self.moe_training = None
+        """The MoeTraining callback of an MoE model (train/moe.py), else None."""
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -107,8 +111,31 @@ class DsftTrainer(Trainer):
             self.chunked_loss_micro_batches += model.training
             if self.args.average_tokens_across_devices and items is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for the model's loss
+            return self._with_balance_loss(loss, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if isinstance(result, tuple):
+            return (self._with_balance_loss(result[0], num_items_in_batch), *result[1:])
+        return self._with_balance_loss(result, num_items_in_batch)
+
+    def _with_balance_loss(self, loss, num_items_in_batch):
+        """loss plus method.moe's auxiliary balance losses of the forward just run (train/moe.py), weighted so a
+        step's total is their mean over its micro-batches whatever the Trainer's scaling for accumulation."""
+        if self.moe_aux is None:
             return loss
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        from dsft.models.moe import balance_losses
+
+        loads, settings = self.moe_aux
+        aux = balance_losses(loads.take_routed(), loads.routers, settings)
+        if aux is None:
+            return loss
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as Trainer.training_step decides whether it divides the loss by the accumulation
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        weight = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+        if self.moe_training is not None:
+            self.moe_training.add_aux(float(aux.detach()))
+        return loss + weight * aux.to(loss.dtype)
 
     def _chunked_loss_applies(self, model, inputs, return_outputs: bool) -> bool:
         # Evaluation asks for the outputs (logits).

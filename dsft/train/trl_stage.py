@@ -225,7 +225,7 @@ def build_reference_trainer(config: RunConfig, run_dir: Path, policy, reference,
     )
     from dsft.train.loop import build_trainer
 
-    adapter = peft_config(config.method, model_type=model_type_of(policy)) if config.method.adapter else None
+    adapter = peft_config(config.method, model_type=model_type_of(policy), model=policy) if config.method.adapter else None
     if adapter is not None:
         refuse_adapter(config.method, policy)
     validation = as_dataset(validation_rows, False) if validation_rows else []

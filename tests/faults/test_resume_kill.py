@@ -1,5 +1,7 @@
 """Exact resume: a run SIGKILLed after its step-10 checkpoint and resumed equals a straight run, bitwise (full
-fine-tuning, and a QLoRA adapter on a 4-bit base)."""
+fine-tuning, a QLoRA adapter on a 4-bit base, and a LoRA adapter whose gates carry DeepSeek-V3's correction bias).
+On tiny-deepseek-v3, full fine-tuning updates that bias after every step (method.moe.bias_update auto): the resumed
+run gets it back from the checkpoint, or its routing and every later weight would differ."""
 
 import signal
 import subprocess
@@ -32,7 +34,11 @@ def config_for(tmp_path, tiny_data, name, method=None):
     )
 
 
-@pytest.mark.parametrize("method", [None, {"type": "qlora", "lora": {"r": 8, "alpha": 16}}], ids=["full", "qlora"])
+BIASED_LORA = {"type": "lora", "lora": {"r": 8, "alpha": 16}, "moe": {"bias_update": "on", "bias_update_speed": 0.01}}
+
+
+@pytest.mark.parametrize("method", [None, {"type": "qlora", "lora": {"r": 8, "alpha": 16}}, BIASED_LORA],
+                         ids=["full", "qlora", "lora-bias"])
 def test_sigkill_and_resume_reproduces_the_straight_run_bitwise(tmp_path, tiny_data, method):
     (tmp_path / "straight").mkdir()
     (tmp_path / "killed").mkdir()
@@ -64,3 +70,6 @@ def test_sigkill_and_resume_reproduces_the_straight_run_bitwise(tmp_path, tiny_d
     expected, got = weights(straight_dir, stem), weights(killed_dir, stem)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+    biases = [got[name] for name in got if name.endswith("e_score_correction_bias")]
+    assert bool(biases) == (method is None or method is BIASED_LORA)  # an adapter saves them in its gates only
+    assert all(float(bias.abs().sum()) > 0 for bias in biases), "the correction bias moved during training"

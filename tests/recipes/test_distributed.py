@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.recipes.conftest import make_config, train_losses
 
@@ -308,3 +309,30 @@ def test_chunked_loss_runs_through_the_data_parallel_wrapper(runs, tmp_path, tin
     speed = json.loads((run_dir / "summary.json").read_text())["speed"]
     assert (speed["chunked_loss"], speed["loss_chunk_tokens"], speed["chunked_loss_micro_batches"]) == (True, 16, 4)
     _assert_same_weights(run_dir, runs["ddp"])
+
+
+def test_bias_updates_of_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, tiny_data):
+    """DeepSeek-V3's bias rule from the loads of all ranks together (summed after each step): two processes with
+    batch 4 count the same (token, expert) pairs as one with batch 8, step by step, and end with the same bias. The
+    rule moves by sign, so a load off by one would change it by 2 x gamma: equality here is exact."""
+    from safetensors.torch import load_file
+
+    moe = {"type": "full", "moe": {"router": "train", "bias_update": "on", "bias_update_speed": 0.01}}
+    sections = {"model": {"preset": "tiny-deepseek-v3"}, "method": moe}
+    small = {"max_steps": 3, "save_steps": None, "logging_steps": 1}
+    single = _run(tmp_path, tiny_data, "single", sections=sections, batch_size=8, **small)
+    ddp = _run(tmp_path, tiny_data, "ddp", "--nproc", "2", sections=sections, batch_size=4, **small)
+    loads = {}
+    for name, run_dir in (("single", single), ("ddp", ddp)):
+        report = json.loads((run_dir / "expert_load.json").read_text())
+        loads[name] = [layer["routed_pairs"] for layer in report["phases"]["training"]["per_layer"]]
+        loads[name + "_shares"] = [layer["share"] for layer in report["phases"]["training"]["per_layer"]]
+    assert loads["ddp"] == loads["single"] and loads["ddp_shares"] == loads["single_shares"]
+    windows = {name: [r["moe_load_cv"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                      if "moe_load_cv" in r] for name, d in (("single", single), ("ddp", ddp))}
+    assert windows["ddp"] == windows["single"] and len(windows["ddp"]) == 3
+    biases = {name: {k: v for k, v in load_file(d / "model.safetensors").items() if k.endswith("correction_bias")}
+              for name, d in (("single", single), ("ddp", ddp))}
+    assert biases["ddp"].keys() == biases["single"].keys() and len(biases["ddp"]) == 3
+    assert all(torch.equal(biases["ddp"][k], biases["single"][k]) for k in biases["ddp"])
+    assert any(float(bias.abs().sum()) > 0 for bias in biases["ddp"].values())

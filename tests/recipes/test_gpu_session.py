@@ -35,3 +35,12 @@ def test_steps_beyond_the_budget_are_skipped_and_unknown_steps_refused(tmp_path)
     assert not (tmp_path / "out" / "bench_d.json").exists()
     refused = session(tmp_path, "bench_z")
     assert refused.returncode == 2 and "unknown step bench_z" in refused.stdout
+
+
+def test_rehearsal_of_the_moe_telemetry_step_writes_its_overhead(tmp_path):
+    result = session(tmp_path, "moe_telemetry")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "session:   moe_telemetry rc=0" in result.stdout
+    report = json.loads((tmp_path / "out" / "moe_telemetry_v2_lite.json").read_text(encoding="utf-8"))
+    assert report["shape"] == "tiny-deepseek-v3" and set(report["step_s_median"]) == {"off", "on", "no_hooks"}
+    assert len(report["step_s_all"]["on"]) == len(report["step_s_all"]["off"]) == 2

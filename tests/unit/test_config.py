@@ -158,7 +158,9 @@ def test_shipped_examples_validate(capsys):
 def test_dump_writes_only_the_settings_of_the_method_in_use(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "method:\n  type: freeze\n"))
     method = yaml.safe_load(dump_config(config))["method"]
+    moe = method.pop("moe")  # every method: it says what happens to an MoE model's routing
     assert method == {"type": "freeze", "freeze": {"trainable_layers": 2, "train_embeddings": False}, "unfreeze": []}
+    assert moe["router"] == "auto" and moe["aux_loss"]["expert"] == 0.0
 
 
 def test_shipped_data_preparation_example_validates():

@@ -80,10 +80,16 @@ def _tiny_qwen2(tie: bool = False):
 
 def test_streaming_merge_equals_peft_merge_weight_by_weight_on_deepseek_moe(tokenizer, tmp_path):
     base = build_preset("tiny-deepseek-v3", tokenizer, seed=0, dtype=torch.float32)
-    peft_model = _save(base, MethodConfig(type="lora", lora=LoraConfig(r=4, alpha=8)), tmp_path)
+    # The router trained by LoRA (method.moe.router train, router_adapter lora): every kind of target is merged.
+    method = MethodConfig(type="lora", lora=LoraConfig(r=4, alpha=8),
+                          moe={"router": "train", "router_adapter": "lora"})
+    peft_model = _save(base, method, tmp_path)
     adapted = {name.split(".lora_")[0] for name, _ in peft_model.named_parameters() if "lora_A" in name}
     assert any(name.endswith("mlp.experts") for name in adapted)  # routed experts (PEFT target_parameters)
     assert any(name.endswith("mlp.gate") for name in adapted) and any("kv_b_proj" in name for name in adapted)
+    # The dense first layer's MLP and the shared experts, as parameter targets (models/moe_targets.py).
+    assert any(name.endswith("layers.0.mlp.down_proj") for name in adapted)
+    assert any(name.endswith("shared_experts.gate_proj") for name in adapted)
     ids = torch.randint(10, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected_logits = peft_model(input_ids=ids).logits

@@ -80,11 +80,12 @@ def test_grouped_lora_forms_no_expert_stack_in_the_backward(tokenizer):
 
 
 def test_fused_expert_patterns_apply_without_peft_false_warning(tokenizer, recwarn):
-    # PEFT doubles rank and alpha for the fused gate_up_proj tensor (gate and up keep rank r each) and then warns
-    # that the pattern matched no module: dsft keeps the pattern and drops only that warning.
+    # dsft (models/moe_targets.py), as PEFT's own rewrite did, doubles rank and alpha for the fused gate_up_proj
+    # tensor (gate and up keep rank r each); PEFT then warns that the pattern matched no module: dsft keeps the
+    # pattern and drops only that warning.
     model = apply_method(build_preset("tiny-deepseek-v3", tokenizer, seed=0, dtype=torch.float32),
                          MethodConfig(type="lora", lora=LoraConfig(r=4, alpha=8)))
-    assert model.peft_config["default"].rank_pattern == {r".*\.gate_up_proj": 8}
+    assert model.peft_config["default"].rank_pattern == {r".*\.experts\.gate_up_proj": 8, r".*\.experts\.down_proj": 4}
     experts = model.get_base_model().model.layers[1].mlp.experts
     n_experts = model.get_base_model().config.n_routed_experts
     assert experts.base_layer.lora_A["default"].weight.shape[0] == n_experts * 8  # gate_up_proj: rank 2r per expert
