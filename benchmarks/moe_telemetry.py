@@ -99,6 +99,15 @@ def measure(model, config, tokens: int, batch: int, steps: int, warmup: int, dev
             "step_s_all": times}
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="tiny-deepseek-v3")
@@ -112,8 +121,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config = build_model(args.shape, args.layers, device)
     result = measure(model, config, args.tokens, args.batch, args.steps, args.warmup, device)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} threads"
     record = {"command": " ".join(sys.argv), "shape": args.shape, "layers": config.num_hidden_layers,
               "tokens_per_row": args.tokens, "batch": args.batch, "device": device, "machine": machine,
               "torch": torch.__version__, **result}

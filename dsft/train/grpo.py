@@ -204,6 +204,8 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     nonfinite = NonFiniteGuard(trainer, config.train.nonfinite, config.train.max_consecutive_nonfinite,
                                not trainer.args.fp16, console.print)
     trainer.add_callback(nonfinite)
+    if moe is not None:
+        moe.nonfinite = nonfinite
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress, moe)
 
 

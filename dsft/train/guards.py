@@ -26,6 +26,8 @@ class NonFiniteGuard(TrainerCallback):
         self.check_gradients = check_gradients
         self.report = report
         self.skipped_steps = 0
+        self.skipped_step: int | None = None
+        """The last step whose update was skipped (its gradients dropped), or None."""
         self._in_a_row = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -44,6 +46,7 @@ class NonFiniteGuard(TrainerCallback):
             )
         model.zero_grad(set_to_none=True)  # an optimizer leaves parameters without gradient untouched
         self.skipped_steps += 1
+        self.skipped_step = step
         self.report(f"step {step}: non-finite {what}, step skipped ({self.skipped_steps} so far)")
 
     def _nonfinite(self, model) -> str | None:

@@ -188,6 +188,8 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     fp16 = trainer.args.fp16
     nonfinite = NonFiniteGuard(trainer, train.nonfinite, train.max_consecutive_nonfinite, not fp16, console.print)
     trainer.add_callback(nonfinite)
+    if moe is not None:
+        moe.nonfinite = nonfinite
     return trainer, Guards(metrics, nonfinite, stop_on_signal, progress, moe)
 
 

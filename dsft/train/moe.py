@@ -167,13 +167,17 @@ class MoeTraining(TrainerCallback):
         self.stopped_at: int | None = None
         """The step at which the collapse guard stopped training (on_collapse stop), else None."""
         self.last_imbalance: float | None = None
+        self.nonfinite = None
+        """The run's NonFiniteGuard: a step it skipped leaves the bias, and the load windows, as they were."""
 
-    def add_aux(self, value: float) -> None:
-        """One micro-batch's auxiliary loss, for the window's mean in the log."""
-        self.aux_sum, self.aux_count = self.aux_sum + value, self.aux_count + 1
+    def add_aux(self, value) -> None:
+        """One micro-batch's auxiliary loss (a tensor: no device synchronisation), for the window's mean in the log."""
+        self.aux_sum, self.aux_count = self.aux_sum + value.detach(), self.aux_count + 1
 
     def on_step_end(self, args, state, control, **kwargs):
         counts_LE = self.loads.take_counts(_sum_over_ranks)
+        if self.nonfinite is not None and self.nonfinite.skipped_step == state.global_step:
+            return  # the skipped step changed no weight: its non-finite forward moves no bias either
         self.window_LE += counts_LE
         self.total_LE += counts_LE
         if self.bias_updates:
@@ -186,7 +190,7 @@ class MoeTraining(TrainerCallback):
         summary = window_summary(stats)
         logs.update(summary)
         if self.aux_count:
-            logs["moe_aux_loss"] = round(self.aux_sum / self.aux_count, 6)
+            logs["moe_aux_loss"] = round(float(self.aux_sum) / self.aux_count, 6)
         self.aux_sum, self.aux_count = 0.0, 0
         self._histograms(stats, state.global_step)
         self.window_LE.zero_()

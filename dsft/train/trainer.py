@@ -134,7 +134,7 @@ class DsftTrainer(Trainer):
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         weight = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
         if self.moe_training is not None:
-            self.moe_training.add_aux(float(aux.detach()))
+            self.moe_training.add_aux(aux)
         return loss + weight * aux.to(loss.dtype)
 
     def _chunked_loss_applies(self, model, inputs, return_outputs: bool) -> bool:

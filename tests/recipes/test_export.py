@@ -89,10 +89,12 @@ def test_adapter_kept_separate_loads_in_plain_peft_on_its_exported_base(qwen_lor
 
 
 def test_deepseek_lora_on_attention_and_routed_experts_merges_into_several_shards(tmp_path, tiny_data):
-    # all-linear on DeepSeek-V3: MLA projections, plus the router and the fused routed experts as PEFT parameters.
+    # all-linear on DeepSeek-V3: MLA projections, plus the dense MLP, the shared and the fused routed experts as
+    # PEFT parameters (models/moe_targets.py; the router stays frozen under an adapter).
     run = _train(tmp_path, tiny_data)
     adapter_config = json.loads((run / "adapter_config.json").read_text())
-    assert {"gate_up_proj", "down_proj"} <= set(adapter_config["target_parameters"])
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj", "shared_experts.down_proj.weight",
+            "mlp.down_proj.weight"} <= set(adapter_config["target_parameters"])
     assert "kv_b_proj" in adapter_config["target_modules"]
     out = tmp_path / "merged"
     _invoke("export", run, "--out", out, "--merge", "--max-shard-size", "1MB")
@@ -104,6 +106,7 @@ def test_deepseek_lora_on_attention_and_routed_experts_merges_into_several_shard
     assert set(index["weight_map"]) == set(merged) == set(base)
     assert "model.layers.2.mlp.experts.7.gate_proj.weight" in merged
     assert _changed(merged, base, ".mlp.experts.") and _changed(merged, base, "kv_b_proj")
+    assert _changed(merged, base, "shared_experts") and _changed(merged, base, "layers.0.mlp.gate_proj")
     _assert_same_logits(AutoModelForCausalLM.from_pretrained(out), run)
 
 

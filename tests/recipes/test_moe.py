@@ -126,6 +126,8 @@ def test_lora_on_the_most_loaded_experts_and_eval_compares_base_with_fine_tuned(
         trained = {column % 8 for column in range(b.shape[1]) if float(b[:, column].abs().sum()) > 0}
         assert trained == set(experts)
     assert _expert_load(run_dir)["adapted_experts"] == chosen
+    # Trained through dsft's grouped-GEMM expert LoRA (train.experts auto on a CPU with torch's grouped GEMM).
+    assert json.loads((run_dir / "summary.json").read_text())["speed"]["experts"] == "grouped_mm"
 
     # The base: the run's starting weights (base_model/) with its tokenizer.
     base = tmp_path / "base"
@@ -161,3 +163,28 @@ def test_the_collapse_guard_stops_with_a_checkpoint(tmp_path, tiny_data):
     assert "training stopped at step 2: the routing collapsed" in str(result.exception)
     assert "routing collapsing" in result.output  # the warning of each window, as it happened
     assert (run_dir / "checkpoints" / "checkpoint-2").is_dir() and not (run_dir / "summary.json").exists()
+
+
+def test_an_adapter_keeps_its_updated_bias_through_plain_peft_and_the_merge(tmp_path, tiny_data):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    method = {"type": "lora", "lora": {"r": 8, "alpha": 16}, "moe": {"bias_update": "on", "bias_update_speed": 0.01}}
+    run_dir = _trained(tmp_path, tiny_data, "bias_lora", method, max_steps=4)
+    adapter = load_file(run_dir / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.2.mlp.gate.e_score_correction_bias"
+    assert float(adapter[key].abs().sum()) > 0
+    gate = key.replace("e_score_correction_bias", "weight")
+    base = load_file(run_dir / "base_model" / "model.safetensors")
+    assert torch.equal(adapter[gate], base["model.layers.2.mlp.gate.weight"])  # router auto: freeze
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(run_dir)
+    ids = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--merge"])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(merged.model.layers[2].mlp.gate.e_score_correction_bias, adapter[key])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
