@@ -57,12 +57,15 @@ def build_model(setup: Setup, seed: int):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
 
 
-def lora_config(setup: Setup):
-    """The PEFT LoRA config of B0 and B1; dsft's apply_method builds the same from its method section."""
-    from peft import LoraConfig
+def lora_config(setup: Setup, model):
+    """The PEFT LoraConfig of B0 and B1: the one dsft's apply_method builds for the same method section (on an MoE
+    model its targets are spelled out, models/moe_targets.py), so the three recipes train the same adapter."""
+    from dsft.config import LoraConfig, MethodConfig
+    from dsft.models.families import model_type_of
+    from dsft.models.method import lora_config as dsft_lora_config
 
-    return LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    method = MethodConfig(type="lora", lora=LoraConfig(r=setup.lora_rank, alpha=2 * setup.lora_rank))
+    return dsft_lora_config(method, model_type=model_type_of(model), model=model)
 
 
 def run_b0(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> RecipeRun:
@@ -74,7 +77,7 @@ def run_b0(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     model = build_model(setup, seed)
     if setup.method == "lora":
         with fused_expert_patterns():
-            model = get_peft_model(model, lora_config(setup))
+            model = get_peft_model(model, lora_config(setup, model))
     args = TrainingArguments(output_dir=str(work_dir / "b0"), per_device_train_batch_size=B0_BATCH,
                              gradient_accumulation_steps=setup.b0_accumulation, remove_unused_columns=False,
                              **common_arguments(setup, seed))
@@ -97,7 +100,7 @@ def run_b1(setup: Setup, samples: list[dict], seed: int, work_dir: Path) -> Reci
     model = build_model(setup, seed)
     if setup.method == "lora":
         with fused_expert_patterns():
-            model = get_peft_model(model, lora_config(setup))
+            model = get_peft_model(model, lora_config(setup, model))
     moe = "n_routed_experts" in setup.shape
     liger = _cuda() and importlib.util.find_spec("liger_kernel") is not None and not moe
     args = SFTConfig(output_dir=str(work_dir / "b1"), per_device_train_batch_size=1, max_length=setup.packed_row_tokens,
