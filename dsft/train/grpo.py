@@ -45,6 +45,7 @@ from dsft.train.loop import (
     train_guarded,
     training_arguments,
 )
+from dsft.train.moe import setup_moe
 from dsft.train.rewards import Completions, RewardComponent, build_rewards, consecutive_groups, score
 from dsft.train.rl_common import (
     exact_match_summary,
@@ -56,7 +57,6 @@ from dsft.train.rl_common import (
     reward_summary,
     tensorboard_writer,
 )
-from dsft.train.moe import setup_moe
 from dsft.train.trainer import DsftTrainer, SampleLedger
 from dsft.train.trl_stage import router_aux_loss_coef
 

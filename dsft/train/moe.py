@@ -75,14 +75,21 @@ def setup_moe(trainer, config, run_dir: Path, train_rows, console, tensorboard_w
     return callback
 
 
-def refuse_outside_trainer(config, model, stage: str) -> None:
-    """For a stage with its own loop (ppo): method.moe settings it cannot honour are refused by name."""
+def refuse_outside_trainer(config, model, stage: str, report) -> None:
+    """For a stage with its own loop (ppo) on an MoE model: the method.moe settings it cannot honour are refused by
+    name, and report (a print) says what it leaves out; the router policy and LoRA targets apply as everywhere."""
+    if not find_routers(model):
+        return
     changed = sorted(config.method.moe.changed() - {"router", "experts", "top_experts", "shared_rank",
-                                                            "routed_rank", "router_adapter", "telemetry",
-                                                            "profile_samples"})
-    if changed and find_routers(model):
+                                                     "routed_rank", "router_adapter", "telemetry", "profile_samples"})
+    if changed:
         raise DsftError(f"method.moe.{changed[0]}: stage {stage} runs its own loop, without dsft's MoE telemetry, "
                         "bias updates or balance losses; leave it at its default for this stage")
+    if config.method.moe.experts == "top":
+        raise DsftError(f"method.moe.experts top: stage {stage} has no pass that measures the expert load; choose "
+                        "experts all, shared or routed")
+    report(f"moe: stage {stage} runs its own loop: router {config.method.moe.router_for(config.method.type)}, "
+           "no expert-load telemetry, bias updates or balance losses")
 
 
 def _line(routers, policy: str, bias_updates: bool, moe) -> str:

@@ -44,8 +44,8 @@ from dsft.train import run_dir as rd
 from dsft.train.adapters import initialise_adapter
 from dsft.train.callbacks import MetricsCallback
 from dsft.train.guards import StopOnSignal
-from dsft.train.moe import refuse_outside_trainer
 from dsft.train.loop import checkpoint_to_resume, data_fingerprints, pack_batches, save_model
+from dsft.train.moe import refuse_outside_trainer
 from dsft.train.ppo_checkpoints import load_ppo_checkpoint, save_ppo_checkpoint
 from dsft.train.rewards import Completions, RewardComponent, Rewards, build_rewards, score
 from dsft.train.rl_common import (
@@ -124,7 +124,7 @@ def run_ppo(
     model = rd.start_model(config, tokenizer, run_dir, console)
     reference = None if config.method.adapter else _frozen_copy(model).to(device)
     policy = apply_method(model, config.method).to(device)
-    refuse_outside_trainer(config, policy, "ppo")
+    refuse_outside_trainer(config, policy, "ppo", console.print)
     initialise_adapter(policy, config, run_dir)
     _disable_dropout(policy)  # the first update's ratio to the rollout policy is then exactly 1
     if config.train.gradient_checkpointing:
