@@ -27,6 +27,7 @@ from dsft.eval.classification import (
     classification_report,
     plot_confusion_matrix,
 )
+from dsft.eval.expert_load import add_eval_expert_load
 from dsft.eval.perplexity import perplexity
 from dsft.eval.report import (
     plot_length_distribution,
@@ -93,40 +94,21 @@ def run_eval(
         sections[role], predictions[role] = _evaluate_model(model_target, items, settings)
         loads[role] = _expert_loads(model_target, items)
     results = _results(data_path, data_format, items, settings, sections, predictions)
-    _add_expert_load(results, loads, models, out, data_path)
+    add_eval_expert_load(results, loads, {role: t.name for role, t in models.items()}, out, data_path)
     _write(results, out, target_path, console)
     return results
 
 
 def _expert_loads(target: EvalTarget, items: list[Item]):
-    """(routers, counts_LE, tokens) of routing the evaluation sequences (prompt and reference, or the text) through
-    an MoE model; None for a dense model or data with nothing to route."""
+    """(routers, counts_LE) of routing the evaluation sequences (prompt and reference, or the text) through an MoE
+    model; None for a dense model or data with nothing to route."""
     from dsft.models.moe import find_routers, route_sequences
 
     routers = find_routers(target.model)
     sequences = [row["input_ids"] for row in (_perplexity_row(item, target) for item in items) if row is not None]
     if not routers or not sequences:
         return None
-    return routers, route_sequences(target.model, sequences, 8), sum(map(len, sequences))
-
-
-def _add_expert_load(results: dict, loads: dict, models: dict, out: Path, data_path: str) -> None:
-    """expert_load.json / .png for the evaluation set: one phase per MoE model (target, and against when it has the
-    same routed layers and experts), its summary also in results.json."""
-    from dsft.eval.expert_load import expert_load_report, write_expert_load
-
-    if loads.get("target") is None:
-        return
-    routers, _, _ = loads["target"]
-    shape = [(r.layer, r.num_experts) for r in routers]
-    phases, tokens = {}, {}
-    for role, measured in loads.items():
-        if measured is not None and [(r.layer, r.num_experts) for r in measured[0]] == shape:
-            phases[f"{role}: {models[role].name}"], tokens[f"{role}: {models[role].name}"] = measured[1], measured[2]
-    report = expert_load_report(routers, phases, tokens, data=str(data_path))
-    write_expert_load(out, report)
-    results["expert_load"] = {phase: {key: value for key, value in summary.items() if key != "per_layer"}
-                              for phase, summary in report["phases"].items()}
+    return routers, route_sequences(target.model, sequences, 8)
 
 
 def _on_device(target: EvalTarget) -> EvalTarget:

@@ -27,7 +27,9 @@ from dsft.data.read import RawRecord, read_records
 from dsft.errors import DsftError
 from dsft.eval.classification import bootstrap_intervals, classification_report
 from dsft.eval.error_analysis import confusion_markdown, worst_markdown, write_error_analysis
+from dsft.eval.expert_load import add_eval_expert_load
 from dsft.eval.speed import process_peak_memory
+from dsft.models.moe import ExpertLoads
 from dsft.models.predict import predictor
 
 HEAD_TASKS = ("classification", "token_classification", "multitask")
@@ -61,10 +63,13 @@ def run_head_eval(target_path: str, data_path: str, against_path: str | None, ou
     settings = eval_settings(loaded["target"][2].eval, overrides)
     records = list(read_records(data_path))[: settings.max_samples]
     out = Path(out_dir) if out_dir else Path(target_path) / "eval"
-    sections = {}
+    sections, measured = {}, {}
     for role, (model, tokenizer, config) in loaded.items():
         console.print(f"evaluating {role}: {runs[role]}")
+        counter = ExpertLoads(model, mode="all")  # counts the prediction passes (nothing for a dense model)
         sections[role] = _score_run(model, tokenizer, config, records, settings, out / role)
+        measured[role] = (counter.routers, counter.take_counts()) if counter.routers else None
+        counter.remove()
     results = {
         "dsft_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -73,6 +78,7 @@ def run_head_eval(target_path: str, data_path: str, against_path: str | None, ou
                  "records": len(records)},
         "models": {role: {"name": str(runs[role]), **section} for role, section in sections.items()},
     }
+    add_eval_expert_load(results, measured, {role: str(path) for role, path in runs.items()}, out, data_path)
     _write(results, out, console)
     return results
 

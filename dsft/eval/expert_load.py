@@ -69,3 +69,22 @@ def _grid(per_layer: list[dict], num_experts: int):
         if layer["routed_pairs"]:
             grid[row, : len(shares)] = shares * len(shares)
     return grid
+
+
+def add_eval_expert_load(results: dict, measured: dict, names: dict[str, str], out: Path, data_path) -> None:
+    """expert_load.json / .png of a dsft eval: measured is {role: (routers, counts_LE)} of each MoE model's passes
+    over the evaluation set (target, and against when it has the same routed layers and experts), names each role's
+    model; the phases' summaries also go into results["expert_load"]. Nothing when the target is dense."""
+    if measured.get("target") is None:
+        return
+    routers = measured["target"][0]
+    shape = [(r.layer, r.num_experts) for r in routers]
+    phases, tokens = {}, {}
+    for role, (role_routers, counts_LE) in ((r, m) for r, m in measured.items() if m is not None):
+        if [(r.layer, r.num_experts) for r in role_routers] == shape:
+            phase = f"{role}: {names[role]}"
+            phases[phase], tokens[phase] = counts_LE, int(counts_LE[0].sum()) // routers[0].top_k
+    report = expert_load_report(routers, phases, tokens, data=str(data_path))
+    write_expert_load(out, report)
+    results["expert_load"] = {phase: {key: value for key, value in summary.items() if key != "per_layer"}
+                              for phase, summary in report["phases"].items()}

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dsft.cli import app
 from tests.learning import Claim, assert_learned, assert_not_learned, learning
 from tests.recipes.conftest import make_config, read_metrics
+from tests.recipes.test_classify import classify_config, labelled_data  # noqa: F401  (fixture)
 
 FULL = {"type": "full"}
 TELEMETRY_KEYS = ("moe_load_imbalance", "moe_load_cv", "moe_cold_experts")
@@ -199,3 +200,18 @@ def test_an_adapter_keeps_its_updated_bias_through_plain_peft_and_the_merge(tmp_
     assert torch.equal(merged.model.layers[2].mlp.gate.e_score_correction_bias, adapter[key])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_eval_of_an_moe_classifier_reports_the_load_of_its_predictions(tmp_path, labelled_data):  # noqa: F811
+    path = classify_config(tmp_path, labelled_data, model={"preset": "tiny-deepseek-v3"},
+                           method={"type": "lora", "lora": {"r": 4, "alpha": 8}}, train={"max_steps": 2})
+    assert CliRunner().invoke(app, ["train", str(path)]).exit_code == 0
+    run_dir, out = tmp_path / "run", tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(labelled_data), "--out", str(out),
+                                      "--set", "eval.bootstrap_resamples=20"])
+    assert result.exit_code == 0, result.output
+    report = _expert_load(out)
+    (phase, measured), = report["phases"].items()
+    assert phase == f"target: {run_dir}" and measured["tokens"] > 96  # every record's real tokens, 96 records
+    assert all(layer["routed_pairs"] == measured["tokens"] * 2 for layer in measured["per_layer"])
+    assert json.loads((out / "results.json").read_text())["expert_load"][phase]["moe_load_imbalance"] >= 1.0
