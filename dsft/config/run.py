@@ -36,6 +36,7 @@ from dsft.config.method import SECTION_TYPES, MethodConfig
 from dsft.config.model import DataConfig, ModelConfig
 from dsft.config.preference import DpoConfig, GrpoConfig, KtoConfig, PpoConfig, RewardModelConfig
 from dsft.config.tasks import ClassifyConfig, MultitaskConfig, TokenClassifyConfig
+from dsft.config.tracking import TrackingConfig
 from dsft.config.train import TrainConfig
 from dsft.errors import DsftError
 
@@ -92,6 +93,8 @@ class RunConfig(Section):
     """Settings for stage grpo: group size, sampling, KL, clipping, reward components."""
     ppo: PpoConfig = PpoConfig()
     """Settings for stage ppo: sampling, GAE, KL and entropy coefficients, clipping, reward components."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking (MLflow)."""
     stages: list[dict[str, Any]] = []
     """Multi-stage run: stages trained in order, each a name plus sections that replace this config's
     (task, data, method, train, eval, classify, ...), each starting from the previous stage's weights."""

@@ -27,8 +27,10 @@ class MetricsCallback(TrainerCallback):
     tokens_per_second counts real (non-padding) input tokens between two log records.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, tracker=None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.tracker = tracker
+        """The stage's MlflowTracker (train/tracking.py), given each record as it is written; None: no tracking."""
         self._last_time_s: float | None = None
         self._last_tokens = 0
         self.last_tokens_per_second: float | None = None
@@ -40,8 +42,11 @@ class MetricsCallback(TrainerCallback):
         """Append one record (it must carry "step") to metrics.jsonl (rank 0 only: the logged numbers are global)."""
         if not is_main():
             return
+        record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_record(record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = {"step": state.global_step, "epoch": state.epoch, **(logs or {})}

@@ -118,7 +118,7 @@ def run_classify(
     summary["worst_confusions"] = metrics.worst_confusions
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     _print_summary(console, summary, run_dir)
     return ClassifyResult(run_dir, summary, trainer.model, tokenizer, labels)
 

@@ -42,6 +42,7 @@ from dsft.train.loop import (
     pack_batches,
     run_summary,
     save_model,
+    track,
     train_guarded,
     training_arguments,
 )
@@ -136,7 +137,7 @@ def run_grpo(
     summary.update(reward_summary([renamer.renamed(r) for r in trainer.state.log_history], [c.name for c in components]))
     summary.update(exact_match_summary(before, after), nonfinite_skipped_steps=guards.nonfinite.skipped_steps,
                    data_fingerprints=data_fingerprints(config.data), loss_type=trainer.args.loss_type)
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     print_summary(console, summary, run_dir)
     return GrpoResult(run_dir, summary, trainer.model, tokenizer, trainer)
 
@@ -172,7 +173,7 @@ def _build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, prompts, 
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    metrics, stop_on_signal = MetricsCallback(run_dir), StopOnSignal()
+    metrics, stop_on_signal = MetricsCallback(run_dir, track(config, run_dir, console)), StopOnSignal()
     progress = RichProgressCallback(console, metrics)
     progress.status_keys = {"reward": "reward", "kl": "kl"}  # shown after the loss on the progress bar
     callbacks = [DsftMetricNames([c.name for c in components]), metrics, progress, stop_on_signal]

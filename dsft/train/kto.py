@@ -124,7 +124,7 @@ def run_kto(config: RunConfig, resume: bool = False, console: Console | None = N
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     console.print(f"saved to {run_dir}")
     return KtoResult(run_dir, summary, trainer.model, tokenizer)
 

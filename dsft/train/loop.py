@@ -39,6 +39,7 @@ from dsft.train.distributed import (
 )
 from dsft.train.guards import NonFiniteGuard, StopOnSignal
 from dsft.train.moe import collapse_error, setup_moe
+from dsft.train.tracking import ended_on_error, start_tracking
 from dsft.train.trainer import SAMPLES_FILE, DsftTrainer, SampleLedger
 from dsft.train.unfreeze import ProgressiveUnfreezing
 
@@ -53,6 +54,12 @@ def data_fingerprints(data) -> dict[str, str]:
             digest.update(record.data)
         fingerprints[path] = digest.hexdigest()
     return fingerprints
+
+
+def track(config: RunConfig, run_dir: Path, console):
+    """The stage's MLflow tracker (train/tracking.py) when config.tracking.mlflow is on, else None."""
+    fingerprints = data_fingerprints(config.data) if config.tracking.mlflow.enabled else {}
+    return start_tracking(config, run_dir, fingerprints, console)
 
 
 def training_arguments(train: TrainConfig, run_dir: Path, has_validation: bool, args_class=None, **stage_arguments):
@@ -138,7 +145,7 @@ def build_trainer(config: RunConfig, run_dir: Path, model, tokenizer, train_rows
     train = config.train
     if train.early_stopping_patience is not None and not validation_rows:
         raise DsftError("train.early_stopping_patience needs validation data (data.validation_files or data.validation_ratio)")
-    metrics, ledger, stop_on_signal = MetricsCallback(run_dir), SampleLedger(run_dir), StopOnSignal()
+    metrics, ledger, stop_on_signal = MetricsCallback(run_dir, track(config, run_dir, console)), SampleLedger(run_dir), StopOnSignal()
     progress = RichProgressCallback(console, metrics)
     callbacks = [*first_callbacks, metrics, progress, ledger, stop_on_signal]
     if config.method.unfreeze:
@@ -244,6 +251,11 @@ def purge_tensorboard_after(log_dir: Path, step: int) -> None:
 
 def train_guarded(trainer, guards: Guards, checkpoint: Path | None, train: TrainConfig, resume_command: str):
     """trainer.train with user-facing errors for out-of-memory and a clean stop on signals."""
+    with ended_on_error(guards.metrics.tracker):
+        return _train_guarded(trainer, guards, checkpoint, train, resume_command)
+
+
+def _train_guarded(trainer, guards: Guards, checkpoint: Path | None, train: TrainConfig, resume_command: str):
     import torch
 
     try:

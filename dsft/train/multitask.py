@@ -127,7 +127,7 @@ def run_multitask(
                    final_train_loss_by_head=_last_head_losses(trainer, heads), tasks=reports)
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     _print_summary(console, summary, heads, run_dir)
     return MultitaskResult(run_dir, summary, trainer.model, tokenizer, heads)
 

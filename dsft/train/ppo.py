@@ -44,7 +44,7 @@ from dsft.train import run_dir as rd
 from dsft.train.adapters import initialise_adapter
 from dsft.train.callbacks import MetricsCallback
 from dsft.train.guards import StopOnSignal
-from dsft.train.loop import checkpoint_to_resume, data_fingerprints, pack_batches, save_model
+from dsft.train.loop import checkpoint_to_resume, data_fingerprints, pack_batches, save_model, track
 from dsft.train.moe import refuse_outside_trainer
 from dsft.train.ppo_checkpoints import load_ppo_checkpoint, save_ppo_checkpoint
 from dsft.train.rewards import Completions, RewardComponent, Rewards, build_rewards, score
@@ -58,6 +58,7 @@ from dsft.train.rl_common import (
     reward_summary,
     tensorboard_writer,
 )
+from dsft.train.tracking import ended_on_error
 
 
 @dataclasses.dataclass
@@ -141,9 +142,10 @@ def run_ppo(
     before = held_out_exact_match(policy, tokenizer, eval_examples, config, console, "before training")
 
     # Train: rollout -> rewards -> GAE -> ppo_epochs of minibatch updates -> log.
-    metrics = MetricsCallback(run_dir)
-    records = _train(config, run_dir, policy, reference, value_head, optimizer, scheduler, tokenizer, prompts,
-                     components, steps, metrics.write, console, checkpoint, resume_command)
+    metrics = MetricsCallback(run_dir, track(config, run_dir, console))
+    with ended_on_error(metrics.tracker):
+        records = _train(config, run_dir, policy, reference, value_head, optimizer, scheduler, tokenizer, prompts,
+                         components, steps, metrics.write, console, checkpoint, resume_command)
 
     # Save: adapter or full model (as every stage saves it), the value head, tokenizer, then the numbers.
     save_model(SimpleNamespace(model=policy), tokenizer, run_dir, config)  # save_model needs only the trainer's model
@@ -151,7 +153,7 @@ def run_ppo(
     after = held_out_exact_match(policy, tokenizer, eval_examples, config, console, "after training")
     summary = _summary(config, records, stats, counts, started_s, components)
     summary.update(exact_match_summary(before, after), data_fingerprints=data_fingerprints(config.data))
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, metrics.tracker)
     print_summary(console, summary, run_dir)
     return PpoResult(run_dir, summary, policy, value_head, tokenizer)
 

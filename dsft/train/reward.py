@@ -150,7 +150,7 @@ def run_reward(
     summary["nonfinite_skipped_steps"] = guards.nonfinite.skipped_steps
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     _print_summary(console, summary, run_dir)
     return RewardResult(run_dir, summary, trainer.model, tokenizer)
 

@@ -128,7 +128,11 @@ def save_config(config: RunConfig, run_dir: Path) -> None:
     (run_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
+def write_summary(run_dir: Path, summary: dict, tracker=None) -> None:
+    """summary.json, the last file a stage writes; then the stage's MLflow run (tracker) gets the run directory's
+    small files and ends."""
     if not is_main():
         return
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if tracker is not None:
+        tracker.finish(run_dir)

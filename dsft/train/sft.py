@@ -106,7 +106,7 @@ def run_sft(
     summary["speed"] = {**speed.as_dict(), "chunked_loss_micro_batches": trainer.chunked_loss_micro_batches}
     summary["data_fingerprints"] = data_fingerprints(config.data)
     summary["batch_size_used"] = trainer.state.train_batch_size  # smaller than configured after auto_find_batch_size
-    rd.write_summary(run_dir, summary)
+    rd.write_summary(run_dir, summary, guards.metrics.tracker)
     _print_summary(console, summary, run_dir)
     return SftResult(run_dir, summary, trainer.model, tokenizer)
 

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dsft.config import ModelConfig, OutputConfig, RunConfig
+from dsft.config.tracking import TrackingConfig
 from dsft.train import run_dir as rd
 from dsft.train.checkpoints import list_checkpoints
 
@@ -46,6 +47,7 @@ def run_stages(config: RunConfig, stage_function: Callable[[str], Callable], res
         stage_config = stage_config.model_copy(update={
             "model": start_model,
             "output": OutputConfig(dir=str(stage_dir), overwrite=config.output.overwrite),
+            "tracking": _stage_tracking(stage_config.tracking, root, name),
         })
         console.rule(f"stage {number}/{len(names)}: {name} ({stage_config.task}, method {stage_config.method.type})")
         if not _finished(stage_dir):
@@ -60,6 +62,16 @@ def run_stages(config: RunConfig, stage_function: Callable[[str], Callable], res
     rd.write_summary(root, summary)
     _print_stages(console, results)
     return summary
+
+
+def _stage_tracking(tracking: TrackingConfig, root: Path, name: str) -> TrackingConfig:
+    """A stage's tracking: its MLflow run in the store the whole run's output.dir resolves to (not one beside each
+    stage directory), named after the run and the stage."""
+    settings = tracking.mlflow
+    if not settings.enabled:
+        return tracking
+    return TrackingConfig(mlflow=settings.model_copy(update={
+        "tracking_uri": settings.store_uri(root), "run_name": f"{settings.run_name or root.name}: {name}"}))
 
 
 def _prepare_root(config: RunConfig, resume: bool) -> Path:
