@@ -65,6 +65,16 @@ def test_the_embedded_store_holds_what_the_run_directory_holds(tmp_path, tiny_da
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "mlflow.db").is_file() and (tmp_path / "runs" / "mlartifacts").is_dir()
     _assert_mirrors_the_run_directory(run_dir, config, tiny_data)
+    # What --resume does when the stage starts again: the same MLflow run, running again, then finished.
+    from rich.console import Console
+
+    from dsft.train.tracking import start_tracking
+
+    _, run = _run_of(run_dir)
+    tracker = start_tracking(load_config(run_dir / "config.yaml"), run_dir, {}, Console(quiet=True))
+    assert tracker.run_id == run.info.run_id and _run_of(run_dir)[1].info.status == "RUNNING"
+    tracker.finish(run_dir)
+    assert _run_of(run_dir)[1].info.status == "FINISHED"
 
 
 def _free_port() -> int:
