@@ -76,10 +76,6 @@ def _is_router(module) -> bool:
     return type(module).__name__.endswith("Router") and hasattr(module, "top_k") and hasattr(module, "num_experts")
 
 
-def is_moe(model) -> bool:
-    return bool(find_routers(model))
-
-
 def decoder_of(model):
     """The module holding the decoder layers (its forward sees the attention mask); None when there is none."""
     for path, module in model.named_modules():
