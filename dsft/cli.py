@@ -21,6 +21,10 @@ app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Prepare and inspect data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+registry_app = typer.Typer(help="Register, promote and retire model versions (MLflow's model registry).",
+                            no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
 SetOption = Annotated[
     list[str], typer.Option("--set", help="Override a config key: --set train.learning_rate=1e-4 (repeatable).")
 ]
@@ -274,6 +278,104 @@ def config_validate(configs: Annotated[list[Path], typer.Argument(help="Run conf
 
     if not validate_files(configs):
         raise typer.Exit(2)
+
+
+Store = Annotated[str | None, typer.Option(help="Registry store URI; default $MLFLOW_REGISTRY_URI, "
+                                                "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.")]
+
+
+@app.command()
+def gate(
+    candidate: Annotated[str, typer.Argument(help="Run or model directory, or registry:NAME@candidate.")],
+    against: Annotated[str | None, typer.Option(help="Baseline: run or model directory, or registry:NAME@production (default gate.against).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Test data with reference answers (default gate.data).")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics that must hold, e.g. exact_match,rougeL (default gate.metrics).")] = None,
+    max_drop: Annotated[str | None, typer.Option(help="Largest relative drop allowed, e.g. 5% (default gate.max_drop_percent).")] = None,
+    require_significance: Annotated[bool | None, typer.Option("--require-significance/--no-require-significance", help="Fail only on drops outside the bootstrap noise.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory; default CANDIDATE/gate/BASELINE.")] = None,
+    store: Store = None,
+    set_: SetOption = None,
+) -> None:
+    """Pass a candidate only if no metric drops more than the bound against a baseline (exit 0 pass, 1 fail, 2 error)."""
+    from dsft.lifecycle.gate import parse_percent, run_gate
+
+    overrides = {"against": against, "data": str(data) if data else None, "require_significance": require_significance,
+                 "metrics": metrics.split(",") if metrics else None,
+                 "max_drop_percent": parse_percent(max_drop, "--max-drop") if max_drop else None}
+    raise typer.Exit(run_gate(candidate, overrides, set_ or [], str(out) if out else None, store))
+
+
+@registry_app.command("register")
+def registry_register(
+    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    name: Annotated[str, typer.Option(help="Registered model name (created when new).")],
+    store: Store = None,
+) -> None:
+    """Record a run as the next version of a model: data fingerprints, hyper-parameters, eval results."""
+    from dsft.lifecycle.registry_views import register_run
+
+    register_run(run, name, store)
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[str | None, typer.Argument(help="A model: list its versions; none: list the models.")] = None,
+    store: Store = None,
+) -> None:
+    """List registered models, or the versions of one."""
+    from dsft.lifecycle.registry_views import list_registry
+
+    list_registry(name, store)
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME (newest version), NAME@VERSION or NAME@ALIAS.")],
+    store: Store = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print everything recorded as JSON.")] = False,
+) -> None:
+    """What a version records: data, hyper-parameters, evals, gate, deployments, retirement."""
+    from dsft.lifecycle.registry_views import show_version
+
+    show_version(ref, store, json_)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    alias: Annotated[str, typer.Option(help="production or candidate.")],
+    force: Annotated[bool, typer.Option(help="Promote a retired version anyway.")] = False,
+    store: Store = None,
+) -> None:
+    """Point an alias (production, candidate) at a version."""
+    from dsft.lifecycle.registry_views import promote_version
+
+    promote_version(name, version, alias, force, store)
+
+
+@registry_app.command("retire")
+def registry_retire(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    reason: Annotated[str, typer.Option(help="Why; kept with the version.")],
+    store: Store = None,
+) -> None:
+    """Retire a version: its reason is kept, its aliases are removed."""
+    from dsft.lifecycle.registry_views import retire_version
+
+    retire_version(name, version, reason, store)
+
+
+@registry_app.command("history")
+def registry_history(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    store: Store = None,
+) -> None:
+    """Every event of a model's versions in time order."""
+    from dsft.lifecycle.registry_views import print_history
+
+    print_history(name, store)
 
 
 def main() -> None:

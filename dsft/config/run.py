@@ -19,6 +19,7 @@ from pydantic import PrivateAttr, ValidationError, model_validator
 
 from dsft.config.base import Section
 from dsft.config.eval import EvalConfig
+from dsft.config.gate import GateConfig
 from dsft.config.loader import (
     MISSING,
     apply_override,
@@ -95,6 +96,8 @@ class RunConfig(Section):
     """Settings for stage ppo: sampling, GAE, KL and entropy coefficients, clipping, reward components."""
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracking (MLflow)."""
+    gate: GateConfig = GateConfig()
+    """The regression gate `dsft gate` applies to this run against a baseline."""
     stages: list[dict[str, Any]] = []
     """Multi-stage run: stages trained in order, each a name plus sections that replace this config's
     (task, data, method, train, eval, classify, ...), each starting from the previous stage's weights."""

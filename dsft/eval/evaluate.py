@@ -63,10 +63,11 @@ class Item:
 
 def run_eval(
     target_path: str, data_path: str, against_path: str | None = None, out_dir: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (), console: Console | None = None,
+    overrides: list[str] | tuple[str, ...] = (), console: Console | None = None, settings: EvalConfig | None = None,
 ) -> dict:
     """Evaluate target (and against) on data_path; writes results.json, report.md and PNGs into out_dir.
-    A classifier run is scored on its labels instead (dsft/eval/evaluate_heads.py)."""
+    The settings are target's eval section with overrides applied, or settings as given (dsft gate scores two
+    models with one set). A classifier run is scored on its labels instead (dsft/eval/evaluate_heads.py)."""
     from transformers import set_seed
 
     from dsft.eval.evaluate_heads import head_task, run_head_eval
@@ -76,7 +77,8 @@ def run_eval(
 
     console = console or Console(soft_wrap=True)
     target = _on_device(load_target(target_path))
-    settings = eval_settings(target.config.eval if target.config else EvalConfig(), overrides)
+    if settings is None:
+        settings = eval_settings(target.config.eval if target.config else EvalConfig(), overrides)
     data_format = target.config.data.format if target.config else "auto"
     fields = FieldMap.of(target.config.data) if target.config else FieldMap()
     examples = load_examples([data_path], data_format, "error", DataStats(), require_answer=False, fields=fields)

@@ -81,7 +81,7 @@ def start_tracking(config: RunConfig, run_dir: Path, fingerprints: dict[str, str
     uri = settings.store_uri(run_dir)
     client = MlflowClient(tracking_uri=uri)
     try:
-        run_id = _resumed_run(run_dir, uri, client) or _new_run(client, config, run_dir, uri, fingerprints)
+        run_id = _resumed_run(run_dir, uri, client) or new_run(client, config, run_dir, uri, fingerprints)
     except (MlflowException, OSError) as exc:  # a refused request, or a store it cannot reach (requests: OSError)
         raise DsftError(f"tracking.mlflow.tracking_uri: cannot log to {uri}: {str(exc).splitlines()[0]}") from None
     (Path(run_dir) / TRACKING_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n",
@@ -101,25 +101,54 @@ def _resumed_run(run_dir: Path, uri: str, client) -> str | None:
     return saved["run_id"]
 
 
-def _new_run(client, config: RunConfig, run_dir: Path, uri: str, fingerprints: dict[str, str]) -> str:
+def new_run(client, config: RunConfig, run_dir: Path, uri: str, fingerprints: dict[str, str],
+            experiment: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """A new MLflow run for run_dir in the store at uri (in experiment, default the config's), with the resolved
+    config as params, the fingerprints as dataset inputs and dsft's tags; returns its id."""
     from mlflow.entities import Param
 
     settings = config.tracking.mlflow
-    experiment = client.get_experiment_by_name(settings.experiment)
-    if experiment is None:
-        # The embedded store keeps its artifacts beside it, not in ./mlruns of whatever directory dsft runs in.
-        location = None if settings.tracking_uri else (Path(run_dir).resolve().parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(settings.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = _experiment_id(client, experiment or settings.experiment, uri)
     tags = {"dsft.run_dir": str(Path(run_dir).resolve()), "dsft.stage": config.stage, "dsft.task": config.task,
-            "dsft.method": config.method.type}
+            "dsft.method": config.method.type, **(extra_tags or {})}
     run = client.create_run(experiment_id, run_name=settings.run_name or Path(run_dir).name, tags=tags)
     params = [Param(key, value) for key, value in flat_params(config).items()]
     for start in range(0, len(params), 100):  # MLflow's batch limit for params
         client.log_batch(run.info.run_id, params=params[start:start + 100])
     _log_datasets(client, run.info.run_id, config, fingerprints)
     return run.info.run_id
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A SQLite store keeps its artifacts beside it, not in ./mlruns of whatever directory dsft runs in.
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def mirror_finished_run(client, uri: str, run_dir: Path, experiment: str) -> str:
+    """An MLflow run in the store at uri recording a finished run directory after the fact (dsft registry register
+    of a run trained without tracking, or tracked in another store): its config as params, summary.json's data
+    fingerprints as dataset inputs, every metrics.jsonl record at its step, its small files as artifacts."""
+    from dsft.config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    run_id = new_run(client, config, run_dir, uri, summary.get("data_fingerprints", {}), experiment,
+                     {"dsft.recorded_after_training": "true"})
+    tracker = MlflowTracker(client, run_id, uri, config.tracking.mlflow.model_copy(update={"log_artifacts": True}))
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        for line in metrics_file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                tracker.log_record(json.loads(line))
+    tracker.finish(run_dir)
+    return run_id
 
 
 def flat_params(config: RunConfig) -> dict[str, str]:

@@ -14,6 +14,7 @@ FLOORS = [
     ("eval",),  # below train: training scores with the same metrics dsft eval reports
     ("export",),  # below train: a multi-stage run merges each stage's adapter
     ("train",),
+    ("lifecycle",),  # below serve: a server logs its deployments in the registry and serves registry:NAME@ALIAS
     ("serve",),
     ("bench",),
     ("cli",),

@@ -1,0 +1,1 @@
+"""The model lifecycle after training: the registry, regression gates."""
