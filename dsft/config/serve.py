@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from dsft.config.base import Section
+from dsft.config.eval import CheckConfig
 from dsft.config.loader import (
     apply_override,
     describe,
@@ -75,6 +76,9 @@ class LimitsConfig(Section):
     """A request not finished after this long (queue wait included) is cancelled and answered 504, seconds."""
 
 
+WATCHED = ("error_rate", "p95_latency", "feedback", "checks")
+
+
 class CanaryConfig(Section):
     alias: str
     """The model name clients ask for; each request goes to primary or candidate."""
@@ -82,10 +86,68 @@ class CanaryConfig(Section):
     """Served model name that gets the rest of the traffic."""
     candidate: str
     """Served model name under test."""
-    percent: float = Field(ge=0, le=100)
-    """Share of the alias's requests sent to candidate, percent."""
+    percent: float | None = Field(None, ge=0, le=100)
+    """A fixed share of the alias's requests sent to candidate, percent (or give steps)."""
+    steps: list[float] = []
+    """A progressive canary: the candidate's share rises through these percents, e.g. [1, 5, 25, 50, 100], while
+    its live metrics hold (or give percent)."""
+    step_after_requests: int = Field(50, ge=1)
+    """Requests the candidate answers at a step before its share moves to the next step."""
+    rollback_on: list[Literal["error_rate", "p95_latency", "feedback", "checks"]] = ["error_rate", "p95_latency"]
+    """Live metrics watched: server errors (5xx) per request, 95th-percentile latency, the mean user feedback score
+    (POST /v1/feedback), the pass rate of each online check. Empty: never roll back."""
+    max_worse_percent: float = Field(5.0, ge=0)
+    """Roll back when the candidate is worse than the primary by more than this: percentage points for rates and
+    feedback scores (0..1 as percent), percent of the primary's value for latency."""
+    min_requests: int = Field(20, ge=1)
+    """Answers (or feedback scores) each side needs before a watched metric can decide a rollback."""
+    checks: list[CheckConfig] = []
+    """Online checks on every reply of both: a regex that must match, or a Python "module:function" called as
+    f(answer, None, prompt) -> bool | float (as eval.checks)."""
     seed: int | None = None
     """Seed of the router's random draws (tests); none: unseeded."""
+
+    @model_validator(mode="after")
+    def _share(self):
+        if (self.percent is None) == (not self.steps):
+            raise ValueError("give exactly one of percent (a fixed share) or steps (a progressive canary)")
+        if self.steps and (any(not 0 < s <= 100 for s in self.steps) or self.steps != sorted(set(self.steps))):
+            raise ValueError(f"steps {self.steps}: rising percents above 0 and at most 100")
+        if "checks" in self.rollback_on and not self.checks:
+            raise ValueError("rollback_on has checks: define them under checks")
+        return self
+
+    @property
+    def start_percent(self) -> float:
+        return self.percent if self.percent is not None else self.steps[0]
+
+
+class ShadowConfig(Section):
+    primary: str
+    """Served model name whose answers clients get."""
+    candidate: str
+    """Served model name that answers a share of the primary's requests in the background; its answers are only
+    compared, never returned."""
+    percent: float = Field(ge=0, le=100)
+    """Share of the primary's answered requests the candidate answers too, percent."""
+    max_in_flight: int = Field(4, ge=1)
+    """Shadow answers waiting or generating at once; a request beyond it is not shadowed (counted as skipped), so
+    a slow candidate cannot pile up work."""
+    report_file: str = "shadow.jsonl"
+    """One JSON line per compared pair (agreement, lengths, latencies; texts only with serve.log_prompts), and a
+    summary beside it (.summary.json) when the server stops."""
+    seed: int | None = None
+    """Seed of the draws (tests); none: unseeded."""
+
+
+class FeedbackConfig(Section):
+    log_file: str | None = None
+    """Append each feedback (response id, served model, score, comment) to this JSON-lines file; none: counted
+    only (in /metrics and the registry)."""
+    max_comment_chars: int = Field(2000, ge=0)
+    """Longest comment accepted; longer is a 400."""
+    remembered_responses: int = Field(100_000, ge=1)
+    """Most recent response ids feedback can name; older ones are forgotten (a 404)."""
 
 
 class ServeConfig(Section):
@@ -98,7 +160,14 @@ class ServeConfig(Section):
     adapters: dict[str, str] = Field(default_factory=dict)
     """More LoRA runs on the same base, served by name: {name: run directory}. Loaded once at startup."""
     canary: CanaryConfig | None = None
-    """Split one alias's traffic between two served models by percentage."""
+    """Split one alias's traffic between two served models: a fixed percent, or steps with automatic rollback."""
+    shadow: ShadowConfig | None = None
+    """Let a candidate answer a share of the primary's requests in the background and compare the answers."""
+    feedback: FeedbackConfig = FeedbackConfig()
+    """User feedback on replies (POST /v1/feedback)."""
+    registry_uri: str | None = None
+    """Registry store of registry:NAME@ALIAS targets and adapters, where the deployment log is written; default as
+    dsft registry's ($MLFLOW_REGISTRY_URI, $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
     api_keys: list[SecretStr] = Field(default_factory=list)
     """Keys a client must send (Authorization: Bearer KEY); each a ${NAME} environment reference. Empty: no keys."""
     log_prompts: bool = False

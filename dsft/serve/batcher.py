@@ -56,6 +56,8 @@ class Job:
     prompt_length: int | None = None
     """Set where the model must never see padding (DeepSeek-V4, models/unpadded.py): a batch then holds prompts of
     this one length; None lets prompts of any length share a batch."""
+    background: bool = False
+    """A job nobody waits for (a shadow's): it is taken only when no client's job waits."""
 
     @property
     def group(self) -> tuple:
@@ -167,9 +169,10 @@ class Batcher:
                 self._condition.wait()
             if self._stopping:
                 return None
-            limit, group = self.controller.batch_limit, self._queue[0].group
+            head = self._head()
+            limit, group = self.controller.batch_limit, head.group
             demand = self._demand.get(group, 1)
-            give_up_s = self._queue[0].enqueued_s + self._config.max_wait_ms / 1000
+            give_up_s = head.enqueued_s + self._config.max_wait_ms / 1000
             if demand > 1:
                 give_up_s = max(give_up_s, self._last_end_s + STRAGGLER_SHARE * self._last_batch_s)
             while not self._stopping and sum(job.group == group for job in self._queue) < min(limit, max(2, demand)):
@@ -197,11 +200,15 @@ class Batcher:
         self._queue = live
         self._set_gauges()
 
+    def _head(self) -> Job:
+        """The job a batch is built around: the oldest client job, else the oldest background one."""
+        return next((job for job in self._queue if not job.background), self._queue[0])
+
     def _take(self, limit: int) -> list[Job]:
         self._drop_cancelled()  # the oldest job's client may have left while the worker waited for company
         if not self._queue:
             return []
-        group = self._queue[0].group
+        group = self._head().group
         batch, rest = [], deque()
         for job in self._queue:
             if job.group == group and len(batch) < limit:

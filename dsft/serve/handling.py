@@ -39,12 +39,14 @@ from dsft.serve.openai_schema import (
     parse_request,
     usage,
 )
+from dsft.serve.release import Release
 from dsft.serve.reply_text import ReplyText, prompt_opens_thinking
 from dsft.serve.tool_calls import ToolUse, forced_opening, read_request
 
 log = logging.getLogger("dsft.serve")
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
+             "/v1/feedback": "feedback",
              "/health": "health", "/metrics": "metrics"}
 """Path -> endpoint label; any other path is labelled "other" (label values never come from a request)."""
 
@@ -108,6 +110,8 @@ class Call:
     text: list[str] = field(default_factory=list)
     tool_use: ToolUse | None = None
     """A chat request's tools (None: a completion); its reply's calls are parsed when tools are offered."""
+    shadow: tuple | None = None
+    """(candidate, prompt ids, prompt text) when serve.shadow picked this request (release.py)."""
 
 
 class App:
@@ -116,6 +120,7 @@ class App:
     def __init__(self, served: ServedModels, config: ServeConfig, engine, metrics: ServeMetrics):
         self.served, self.config, self.engine, self.metrics = served, config, engine, metrics
         self.cache = ReplyCache(config.cache.max_entries)
+        self.release = Release(self, served, config, metrics)
         self._keys = [key.get_secret_value().encode() for key in config.api_keys]
         self.created_s = int(time.time())
         self.context_tokens: int | None = getattr(served.model.config, "max_position_embeddings", None)
@@ -159,7 +164,7 @@ class App:
         return b"".join(chunks)
 
     def resolve(self, requested: str, request: Request) -> ServedModel:
-        served = self.served.resolve(requested)
+        served = self.served.resolve(requested, self.release.route())
         if served is None:
             names = ", ".join(self.served.names())
             raise ApiError(404, f"model {requested!r} is not served; served models: {names}", "model_not_found",
@@ -238,9 +243,11 @@ class App:
         # Counted once the request is accepted, so a canary's split counts the requests each version answers.
         self.metrics.routed.labels(self._requested_label(parsed.model), served.name).inc()
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-        return Call(new_id(prefix), endpoint, parsed.model, served, ids, prompt_opens_thinking(prompt_text),
+        call = Call(new_id(prefix), endpoint, parsed.model, served, ids, prompt_opens_thinking(prompt_text),
                     max_tokens, sampling_of(parsed), parsed.stop_strings(), bool(parsed.stream),
                     parsed.include_usage(), started_s, prompt_text, tool_use=tool_use)
+        self.release.plan_shadow(self, parsed, call)
+        return call
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -257,8 +264,9 @@ class App:
         (self.metrics.cache_hits if reply is not None else self.metrics.cache_misses).inc()
         return reply
 
-    def submit(self, call: Call) -> tuple[Job, asyncio.Queue]:
-        """Queue call's generation; raises ApiError(503) when the queue is full."""
+    def submit(self, call: Call, background: bool = False) -> tuple[Job, asyncio.Queue]:
+        """Queue call's generation (a background job waits while client requests do: the shadow's); raises
+        ApiError(503) when the queue is full."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -268,7 +276,7 @@ class App:
 
         job = Job(call.prompt_ids, call.max_tokens, call.sampling, call.served.name, deliver,
                   per_token=call.stream or bool(call.stop),
-                  prompt_length=len(call.prompt_ids) if self.one_length_batches else None)
+                  prompt_length=len(call.prompt_ids) if self.one_length_batches else None, background=background)
         try:
             self.engine.submit(job)
         except QueueFull:
@@ -287,13 +295,13 @@ class App:
             call.completion_tokens = cached.completion_tokens
             return self._cached_pieces(call, cached.text)
         job, events = self.submit(call)
-        return self._pieces(call, job, events)
+        return self.pieces(call, job, events)
 
     async def _cached_pieces(self, call: Call, text: str) -> AsyncIterator[str]:
         call.text.append(text)
         yield text
 
-    async def _pieces(self, call: Call, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
+    async def pieces(self, call: Call, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
         """Fills call's finish reason, token counts and times; raises ApiError (504 on the request timeout, 500 when
         generation failed)."""
         text = ReplyText(self.served.tokenizer, call.stop)
@@ -368,6 +376,7 @@ class App:
         if self.config.log_prompts:
             log.info("%s prompt=%s reply=%s", call.request_id, json.dumps(call.prompt_text, ensure_ascii=False),
                      json.dumps("".join(call.text), ensure_ascii=False))
+        self.release.finished(call, status)
 
     def headers(self, call: Call) -> dict:
         return {MODEL_HEADER: call.served.name, "x-request-id": call.request_id}
@@ -380,6 +389,8 @@ class App:
         model = getattr(request.state, "served_model", "-")
         self.metrics.errors.labels(error.kind).inc()
         self.metrics.requests.labels(endpoint, model, str(error.status)).inc()
+        if model != "-":
+            self.release.failed(model, error.status)
         log.info("%s status=%d kind=%s", endpoint, error.status, error.kind)
         headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
         return JSONResponse(error.body(), status_code=error.status, headers=headers)

@@ -51,6 +51,32 @@ class ServeMetrics:
         self.cache_entries = Gauge("dsft_serve_cache_entries", "Replies held by the response cache.", registry=r)
         self.routed = Counter("dsft_serve_routed_requests", "Requests by the name asked for and the model that served "
                               "them (a canary alias splits between two).", ["requested", "served"], registry=r)
+        self._add_release_metrics(r)
+
+    def _add_release_metrics(self, r) -> None:
+        """Canary, shadow and feedback."""
+        self.canary_percent = Gauge("dsft_serve_canary_percent", "Share of the canary alias's requests sent to the "
+                                    "candidate now, percent (0 after a rollback).", ["alias", "candidate"], registry=r)
+        self.canary_rollbacks = Counter("dsft_serve_canary_rollbacks", "Canary rollbacks, by the metric that was "
+                                        "worse.", ["alias", "candidate", "metric"], registry=r)
+        pair = ["primary", "candidate"]
+        self.shadow_requests = Counter("dsft_serve_shadow_requests", "Shadowed requests by outcome: compared, error "
+                                       "(the candidate failed), skipped (max_in_flight reached).",
+                                       [*pair, "outcome"], registry=r)
+        self.shadow_exact = Counter("dsft_serve_shadow_exact_matches", "Compared pairs whose answers are equal.",
+                                    pair, registry=r)
+        self.shadow_f1 = Histogram("dsft_serve_shadow_token_f1", "Token F1 of the candidate's answer against the "
+                                   "primary's.", pair, buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
+        self.shadow_length_difference = Histogram(
+            "dsft_serve_shadow_length_difference_tokens", "Candidate's completion tokens minus the primary's.", pair,
+            buckets=(-256, -64, -16, -4, -1, 0, 1, 4, 16, 64, 256), registry=r)
+        self.shadow_latency_difference = Histogram(
+            "dsft_serve_shadow_latency_difference_seconds", "Candidate's generation time minus the primary's.", pair,
+            buckets=(-10, -1, -0.1, -0.01, 0, 0.01, 0.1, 1, 10), registry=r)
+        self.feedback_responses = Gauge("dsft_serve_feedback_responses", "Replies with user feedback, by the model "
+                                        "that answered.", ["model"], registry=r)
+        self.feedback_mean_score = Gauge("dsft_serve_feedback_mean_score", "Mean user feedback score (0..1; thumbs "
+                                         "up 1, down 0), by the model that answered.", ["model"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

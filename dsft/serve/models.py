@@ -8,12 +8,11 @@ PEFT adapters (load_adapter); a batch holds one adapter's requests and set_adapt
 from __future__ import annotations
 
 import contextlib
-import random
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsft.config.serve import CanaryConfig, ServeConfig
+from dsft.config.serve import CanaryConfig, ServeConfig, ShadowConfig
 from dsft.errors import DsftError
 from dsft.paths import resolve_inside
 
@@ -32,40 +31,31 @@ class ServedModel:
     """Where it was loaded from (logged at startup)."""
     thinking: bool | None = None
     """Its run's data.thinking (dsft.data.chat's), the default of a request's chat_template_kwargs.thinking."""
-
-
-class CanaryRouter:
-    """Sends percent of an alias's requests to the candidate, the rest to the primary (seeded for tests)."""
-
-    def __init__(self, canary: CanaryConfig):
-        self.canary = canary
-        self._random = random.Random(canary.seed)
-        self._lock = threading.Lock()  # random.Random is not safe to share between threads
-
-    def route(self) -> str:
-        with self._lock:
-            draw = self._random.random()
-        return self.canary.candidate if draw * 100 < self.canary.percent else self.canary.primary
+    registry: tuple[str, str] | None = None
+    """(registered model, version) when it was served from registry:NAME@ALIAS: its deployments are logged there."""
 
 
 class ServedModels:
-    """The model, its tokenizer, the served names and the canary router."""
+    """The model, its tokenizer, the served names, and the canary and shadow settings (checked against the names)."""
 
-    def __init__(self, model, tokenizer, served: list[ServedModel], canary: CanaryConfig | None = None):
+    def __init__(self, model, tokenizer, served: list[ServedModel], canary: CanaryConfig | None = None,
+                 shadow: ShadowConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.by_name = {entry.name: entry for entry in served}
-        self.router = CanaryRouter(canary) if canary is not None else None
+        self.canary, self.shadow = canary, shadow
         if canary is not None:
             _check_canary(canary, list(self.by_name))
+        if shadow is not None:
+            _check_shadow(shadow, list(self.by_name))
 
     def names(self) -> list[str]:
         """Every name a request may use: served models, then the canary alias."""
-        return [*self.by_name, *([self.router.canary.alias] if self.router else [])]
+        return [*self.by_name, *([self.canary.alias] if self.canary else [])]
 
-    def resolve(self, requested: str) -> ServedModel | None:
-        """The served model a request's model field selects (the alias routes by draw), or None."""
-        if self.router is not None and requested == self.router.canary.alias:
-            return self.by_name[self.router.route()]
+    def resolve(self, requested: str, route: Callable[[], str] | None = None) -> ServedModel | None:
+        """The served model a request's model field selects (the canary alias: the one route() draws), or None."""
+        if self.canary is not None and requested == self.canary.alias and route is not None:
+            return self.by_name[route()]
         return self.by_name.get(requested)
 
     @contextlib.contextmanager
@@ -82,6 +72,14 @@ class ServedModels:
             yield
 
 
+def _check_shadow(shadow: ShadowConfig, names: list[str]) -> None:
+    for key in ("primary", "candidate"):
+        if getattr(shadow, key) not in names:
+            raise DsftError(f"serve.shadow.{key} {getattr(shadow, key)!r} is not served; served: {', '.join(names)}")
+    if shadow.primary == shadow.candidate:
+        raise DsftError("serve.shadow: primary and candidate are the same model; shadow another one")
+
+
 def _check_canary(canary: CanaryConfig, names: list[str]) -> None:
     if canary.alias in names:
         raise DsftError(f"serve.canary.alias {canary.alias!r} is already a served model name; pick another alias")
@@ -95,20 +93,37 @@ def load_served(target: str, config: ServeConfig) -> ServedModels:
     a causal LM, an adapter run on another base or tokenizer, or a name used twice."""
     from dsft.eval.targets import load_target
 
+    target, primary_version, default_name = _from_registry(target, config)
     loaded = load_target(target)
     _require_causal_lm(loaded.config, target)
-    primary_name = config.model_name or Path(target).resolve().name
+    primary_name = config.model_name or default_name
     model, primary_adapter = loaded.model, ("default" if hasattr(loaded.model, "peft_config") else None)
-    served = [ServedModel(primary_name, primary_adapter, loaded.template, str(target), loaded.thinking)]
+    served = [ServedModel(primary_name, primary_adapter, loaded.template, str(target), loaded.thinking,
+                          primary_version)]
     base_identity = _base_identity(Path(target), loaded.config)
-    for i, (name, run_dir) in enumerate(config.adapters.items(), 1):
+    for i, (name, written) in enumerate(config.adapters.items(), 1):
         if name in (entry.name for entry in served):
             raise DsftError(f"serve.adapters.{name}: the name is served already; give each model its own name")
+        run_dir, version, _ = _from_registry(written, config)
         data = _check_adapter_run(Path(run_dir), name, base_identity, loaded.tokenizer)
         model = _attach_adapter(model, Path(run_dir), f"{ADAPTER_PREFIX}{i}")
-        served.append(ServedModel(name, f"{ADAPTER_PREFIX}{i}", data.chat_template, run_dir, data.thinking_mode))
+        served.append(ServedModel(name, f"{ADAPTER_PREFIX}{i}", data.chat_template, run_dir, data.thinking_mode,
+                                  version))
     model.eval()
-    return ServedModels(_on_gpu_if_any(model), loaded.tokenizer, served, config.canary)
+    return ServedModels(_on_gpu_if_any(model), loaded.tokenizer, served, config.canary, config.shadow)
+
+
+def _from_registry(written: str, config: ServeConfig) -> tuple[str, tuple[str, str] | None, str]:
+    """(directory, (model, version) or None, default served name) of a target or adapter as written: a path, or
+    registry:NAME@ALIAS resolved in serve.registry_uri's store (served as NAME by default)."""
+    from dsft.lifecycle.registry import REF_PREFIX, Ref, Registry
+
+    if not written.startswith(REF_PREFIX):
+        return written, None, Path(written).resolve().name
+    ref = Ref.parse(written)
+    registry = Registry(config.registry_uri)
+    version = registry.version(ref)
+    return str(registry.run_dir(ref)), (ref.name, str(version.version)), ref.name
 
 
 def _on_gpu_if_any(model):

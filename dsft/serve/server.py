@@ -1,6 +1,7 @@
 """`dsft serve`: an HTTP server with the OpenAI API shape (FastAPI + uvicorn) in front of a batching engine.
 
-Routes: POST /v1/chat/completions and /v1/completions (stream: true answers with server-sent events), GET /v1/models,
+Routes: POST /v1/chat/completions and /v1/completions (stream: true answers with server-sent events), POST
+/v1/feedback (a user's score of a reply, release.py), GET /v1/models,
 GET /health (no key needed) and GET /metrics (Prometheus text format). Every error is an OpenAI-style body
 {"error": {"message", "type", "param", "code"}} with a 4xx status for anything a client sent; a 500 means a bug or a
 failed generation, and the server goes on serving. Request handling is in handling.py; this module shapes the
@@ -68,7 +69,9 @@ def create_app(served: ServedModels, config: ServeConfig, metrics: ServeMetrics 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         state.engine.start()
+        state.release.start()
         yield
+        await state.release.stop()
         state.engine.stop()
 
     # No generated docs routes: the surface is the OpenAI API and nothing else.
@@ -112,6 +115,12 @@ def _add_routes(app: FastAPI, state: App) -> None:
                                     call.finish_reason, state.usage(call))
         state.finished(call, 200)
         return JSONResponse(body, headers=state.headers(call))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict:
+        state.authorize(request)
+        body = await state.read_body(request, time.perf_counter() + state.config.limits.request_timeout_s)
+        return state.release.record_feedback(body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -1,6 +1,7 @@
 """Two tiny runs for the lifecycle recipes: `right` trained to answer every prompt with the test set's reference
 ("The answer is 42."), `wrong` trained on the same prompts to answer something else. 30 LoRA steps make each say
-its answer on every test prompt (exact match 1.0 and 0.0), so a gate between them has a real, known drop."""
+its answer on every test prompt (exact match 1.0 and 0.0), so a gate between them has a real, known drop. Both
+are LoRA runs on one base (same preset, seed and tokenizer): a server holds them side by side."""
 
 import json
 from pathlib import Path
@@ -31,6 +32,8 @@ def train_lifecycle_runs(root: Path, quickstart_train: Path, tracking_for_right:
                   "output": {"dir": str(root / "runs" / name)}}
         if name == "right" and tracking_for_right:
             config["tracking"] = {"mlflow": {"enabled": True}}
+        if name == "wrong":  # the right run's tokenizer, so both are adapters on one base a server can hold
+            config["model"]["tokenizer"] = str(runs["right"])
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         result = CliRunner().invoke(app, ["train", str(path)])

@@ -25,14 +25,15 @@ from dsft.errors import DsftError
 from dsft.models.load import load_run
 from dsft.serve.batcher import QueueFull
 from dsft.models.generate import DecodeSettings, generate_batch, prompt_ids, split_reasoning
-from dsft.serve.models import CanaryRouter, ServedModel, ServedModels, load_served
+from dsft.serve.canary import Canary
+from dsft.serve.models import ServedModel, ServedModels, load_served
 from dsft.serve.server import create_app, serve_in_thread
 from dsft.train.sft import run_sft
 
 from .conftest import make_config
 
 PROMPTS = ["Convert 37 km to m.", "把 58 千克换算成克。", "Convert 4200 cm to m.", "把 7 元换算成角。", "hello", "Convert 9 m to cm."]
-CANARY = {"alias": "prod", "primary": "a", "candidate": "b", "percent": 30, "seed": 0}
+CANARY = {"alias": "prod", "primary": "a", "candidate": "b", "percent": 30, "seed": 0, "rollback_on": []}
 SHARED = ["serve.model_name=a", "serve.cache.max_entries=64", "serve.limits.max_prompt_tokens=64",
           "serve.limits.max_tokens=32", "serve.limits.max_body_bytes=4096", "serve.batching.max_wait_ms=20",
           f"serve.canary={json.dumps(CANARY)}"]
@@ -237,7 +238,7 @@ def test_canary_alias_splits_as_the_seeded_router_and_names_the_version(server):
     assert [response.status_code for response in refused] == [400] * 3  # neither counted nor drawn
     served = [post(server, "/v1/completions", {"model": "prod", "prompt": "x", "max_tokens": 1}).headers["x-dsft-model"]
               for _ in range(40)]
-    router = CanaryRouter(load_serve_config(None, SHARED).canary)
+    router = Canary(load_serve_config(None, SHARED).canary)
     assert served == [router.route() for _ in range(40)]
     assert 0 < served.count("b") < 40
     assert metric(server, "dsft_serve_routed_requests_total", requested="prod", served="b") == served.count("b")

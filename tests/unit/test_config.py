@@ -44,7 +44,7 @@ def test_dump_round_trips_to_the_same_config(tmp_path):
     again = validate_config(yaml.safe_load(dump_config(config)))
     assert again == config
     assert set(yaml.safe_load(dump_config(config))) == {"stage", "task", "model", "data", "method", "train", "eval", "output",
-                                                        "tracking"}
+                                                        "tracking", "gate"}
 
 
 def test_overrides_parse_values_as_yaml(tmp_path):

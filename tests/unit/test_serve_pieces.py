@@ -12,7 +12,7 @@ from dsft.serve.batcher import Batcher, Job, LatencyController, QueueFull, Sampl
 from dsft.serve.cache import CachedReply, ReplyCache
 from dsft.serve.handling import sampling_of
 from dsft.serve.metrics import ServeMetrics
-from dsft.serve.models import CanaryRouter
+from dsft.serve.canary import Canary
 from dsft.serve.openai_schema import ApiError, ChatCompletionRequest, CompletionRequest, parse_request
 from dsft.serve.reply_text import ReasoningStream, ReplyText, split_reply
 
@@ -134,13 +134,13 @@ def test_cache_is_least_recently_used_and_bounded():
 
 def test_canary_router_splits_by_percent_and_repeats_with_its_seed():
     canary = CanaryConfig(alias="prod", primary="v1", candidate="v2", percent=20, seed=7)
-    router = CanaryRouter(canary)
+    router = Canary(canary)
     routes = [router.route() for _ in range(10_000)]
     assert abs(routes.count("v2") / len(routes) - 0.20) < 0.015
-    again = CanaryRouter(canary)
+    again = Canary(canary)
     assert [again.route() for _ in range(10_000)] == routes
-    never = CanaryRouter(canary.model_copy(update={"percent": 0}))
-    always = CanaryRouter(canary.model_copy(update={"percent": 100}))
+    never = Canary(canary.model_copy(update={"percent": 0}))
+    always = Canary(canary.model_copy(update={"percent": 100}))
     assert {never.route() for _ in range(100)} == {"v1"} and {always.route() for _ in range(100)} == {"v2"}
 
 
