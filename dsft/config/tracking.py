@@ -8,6 +8,9 @@ from pydantic import Field
 
 from dsft.config.base import Section
 
+TRACKING_FILE = "tracking.json"
+"""Beside a tracked run: the MLflow tracking URI and run id, so --resume continues the run, dsft eval adds its
+results to it and a user finds it."""
 DEFAULT_STORE = "mlflow.db"
 """The embedded store's file name, beside the run directory (in its parent directory)."""
 

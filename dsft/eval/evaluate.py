@@ -40,6 +40,7 @@ from dsft.eval.speed import measure_speed
 from dsft.eval.targets import EvalTarget, load_target
 from dsft.eval.text_metrics import score_generations
 from dsft.eval.tool_metrics import tool_call_metrics
+from dsft.eval.tracked import log_eval_to_run
 from dsft.models.generate import (
     DecodeSettings,
     generate_batch,
@@ -98,6 +99,7 @@ def run_eval(
     results = _results(data_path, data_format, items, settings, sections, predictions)
     add_eval_expert_load(results, loads, {role: t.name for role, t in models.items()}, out, data_path)
     _write(results, out, target_path, console)
+    log_eval_to_run(target_path, results, out, console)
     return results
 
 

@@ -29,6 +29,7 @@ from dsft.eval.classification import bootstrap_intervals, classification_report
 from dsft.eval.error_analysis import confusion_markdown, worst_markdown, write_error_analysis
 from dsft.eval.expert_load import add_eval_expert_load
 from dsft.eval.speed import process_peak_memory
+from dsft.eval.tracked import log_eval_to_run
 from dsft.models.moe import ExpertLoads
 from dsft.models.predict import predictor
 
@@ -80,6 +81,7 @@ def run_head_eval(target_path: str, data_path: str, against_path: str | None, ou
     }
     add_eval_expert_load(results, measured, {role: str(path) for role, path in runs.items()}, out, data_path)
     _write(results, out, console)
+    log_eval_to_run(target_path, results, out, console)
     return results
 
 

@@ -24,12 +24,10 @@ from pathlib import Path
 import yaml
 
 from dsft.config import RunConfig, dump_config
-from dsft.config.tracking import MlflowConfig
+from dsft.config.tracking import TRACKING_FILE, MlflowConfig
 from dsft.errors import DsftError, TrainingInterrupted
 from dsft.train.distributed import is_main
 
-TRACKING_FILE = "tracking.json"
-"""Beside the run: the MLflow tracking URI and run id, so --resume continues the run and a user finds it."""
 ARTIFACT_SUFFIXES = (".yaml", ".json", ".jsonl", ".png", ".md")
 MAX_ARTIFACT_BYTES = 10 * 2**20
 MAX_PARAM_CHARS = 6000

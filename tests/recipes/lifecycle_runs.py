@@ -34,6 +34,7 @@ def train_lifecycle_runs(root: Path, quickstart_train: Path, tracking_for_right:
             config["tracking"] = {"mlflow": {"enabled": True}}
         if name == "wrong":  # the right run's tokenizer, so both are adapters on one base a server can hold
             config["model"]["tokenizer"] = str(runs["right"])
+            config["gate"] = {"against": str(runs["right"]), "data": str(files["test"]), "metrics": ["f1"]}
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         result = CliRunner().invoke(app, ["train", str(path)])

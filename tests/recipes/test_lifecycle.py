@@ -68,6 +68,11 @@ def test_a_version_holds_data_hyperparameters_and_evals(registered):
     assert right["mlflow_run"] == json.loads((registered["right"] / TRACKING_FILE).read_text())["run_id"]
     (evaluation,) = right["evaluations"].values()
     assert evaluation["metrics"]["exact_match"] == 1.0 and evaluation["examples"] == 16
+    # dsft eval of the tracked run added its scores and report to the run's MLflow run.
+    client = MlflowClient(registered["store"])
+    assert client.get_run(right["mlflow_run"]).data.metrics["eval/test/exact_match"] == 1.0
+    assert {"eval/eval/results.json", "eval/eval/report.md"} <= {
+        a.path for a in client.list_artifacts(right["mlflow_run"], "eval/eval")}
     assert right["deployments"] == [] and right["retired"] is None
     # The untracked run got an MLflow run recorded from its directory: its config and its metrics.jsonl.
     wrong = describe_version(registry, "support@2")
@@ -161,7 +166,8 @@ def test_the_gate_writes_its_verdict_to_the_registry(registered, tmp_path):
                   registered["test"], "--store", store, "--out", tmp_path / "g")
     assert result.exit_code == 1, result.output
     candidate = describe_version(Registry(store), "support@2")
-    assert candidate["gate"]["verdict"] == "fail" and candidate["gate"]["failed"] == ["exact_match"]
+    # --against replaces the run config's gate.against; its gate.metrics (f1) stay.
+    assert candidate["gate"]["verdict"] == "fail" and candidate["gate"]["failed"] == ["f1"]
     assert {e["metrics"]["exact_match"] for e in candidate["evaluations"].values()} == {0.0}
 
 
@@ -171,6 +177,13 @@ def test_the_gate_writes_its_verdict_to_the_registry(registered, tmp_path):
 ])
 def test_bad_gate_input_is_an_error_with_exit_code_2(runs, args, message):
     assert message in error_of(_gate(runs, runs["right"], runs["wrong"], *args))
+
+
+def test_the_run_config_s_gate_section_is_the_default(runs, tmp_path):
+    result = dsft("gate", runs["wrong"], "--out", tmp_path / "g")
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "g" / "gate.json").read_text())
+    assert report["baseline"] == str(runs["right"]) and [m["name"] for m in report["metrics"]] == ["f1"]
 
 
 def test_a_gate_without_a_baseline_says_how_to_name_one(runs):

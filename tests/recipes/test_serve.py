@@ -255,13 +255,14 @@ def test_api_keys_are_required_and_never_logged(runs, monkeypatch, caplog):
         wrong = post(url, "/v1/chat/completions", body, headers={"authorization": "Bearer k-123-secreT"})
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/v1/models").status_code == 401 and httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.post(f"{url}/v1/feedback", json={"response_id": "x", "score": 1}).status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200
         reply = client(url, "k-123-secret").chat.completions.create(
             model="run", messages=[{"role": "user", "content": PROMPTS[1]}], temperature=0, max_tokens=2)
         assert reply.choices[0].finish_reason in ("stop", "length")
         with pytest.raises(Exception, match="401"):
             client(url, "nope").models.list()
-        assert metric(url, "dsft_serve_errors_total", {"authorization": "Bearer k-123-secret"}, kind="auth") == 5
+        assert metric(url, "dsft_serve_errors_total", {"authorization": "Bearer k-123-secret"}, kind="auth") == 6
     assert "k-123-secret" not in caplog.text
     assert PROMPTS[1] in caplog.text  # log_prompts: true logs them
 
