@@ -68,7 +68,7 @@ def run_gate(candidate: str, overrides: dict, set_: list[str], out: str | None, 
     report = _verdict(gate, settings, scores, cand, base, data, data_sha)
     _write(report, out_dir)
     _print(report, console)
-    _record(registry, report, scores, cand, base)
+    _record(registry, report, scores, cand, base, out_dir)
     return 0 if report["verdict"] == "pass" else 1
 
 
@@ -237,7 +237,7 @@ def _print(report: dict, console: Console) -> None:
             console.print(f"check {check}: {len(cases)} case(s) regressed (examples {cases[:20]})", markup=False)
 
 
-def _record(registry: Registry | None, report: dict, scores: dict, cand: Model, base: Model) -> None:
+def _record(registry: Registry | None, report: dict, scores: dict, cand: Model, base: Model, out_dir: Path) -> None:
     """The verdict on the candidate's registry version (and each side's scores on its own version)."""
     if registry is None:
         return
@@ -251,3 +251,7 @@ def _record(registry: Registry | None, report: dict, scores: dict, cand: Model, 
         summary["failed"] = [v["name"] for v in report["metrics"] if not v["passed"]] + failed_checks
         registry.set_tag(cand.version, "dsft.gate", summary)
         registry.add_event(cand.version, "gate", **summary)
+        if cand.version.run_id:  # the whole report beside the version's MLflow run
+            with registry.talking():
+                for name in (GATE_FILE, "gate.md"):
+                    registry.client.log_artifact(cand.version.run_id, str(out_dir / name), artifact_path="gate")

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ class Registry:
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     @contextlib.contextmanager
-    def _talking(self):
+    def talking(self):
+        """Around calls to the store: an MLflow or connection error becomes a DsftError naming the store."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -98,7 +100,7 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def models(self) -> list:
-        with self._talking():
+        with self.talking():
             return list(self.client.search_registered_models(max_results=1000))
 
     def model(self, name: str):
@@ -114,7 +116,7 @@ class Registry:
     def versions(self, name: str) -> list:
         """Every version of name, oldest first."""
         self.model(name)
-        with self._talking():
+        with self.talking():
             found = self.client.search_model_versions(f"name='{name}'", max_results=10000)
         return sorted(found, key=lambda v: int(v.version))
 
@@ -167,7 +169,7 @@ class Registry:
     # -- writing ---------------------------------------------------------------------------------------------------
     def set_tag(self, version, key: str, value) -> None:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
-        with self._talking():
+        with self.talking():
             self.client.set_model_version_tag(version.name, str(version.version), key, text)
 
     def add_event(self, version, event: str, **details) -> None:
@@ -179,7 +181,7 @@ class Registry:
             raise DsftError(f"--name {name!r}: use letters, digits and . _ - (at most 128)")
         from mlflow.exceptions import MlflowException
 
-        with self._talking():
+        with self.talking():
             try:
                 self.client.get_registered_model(name)
             except MlflowException:
@@ -197,7 +199,7 @@ class Registry:
             raise DsftError(f"registry: {version.name} version {version.version} is retired "
                             f"({json.loads(retired)['reason']}); promote it anyway with --force")
         previous = self.model(version.name).aliases.get(alias)
-        with self._talking():
+        with self.talking():
             self.client.set_registered_model_alias(version.name, alias, version.version)
         self.add_event(version, "promoted", alias=alias, previous=None if previous is None else str(previous),
                        forced=bool(retired))
@@ -213,7 +215,7 @@ class Registry:
             raise DsftError(f"registry: {version.name} version {version.version} was retired already: "
                             f"{json.loads(version.tags[TAG_RETIRED])['reason']}")
         aliases = [a for a, v in self.model(version.name).aliases.items() if str(v) == str(version.version)]
-        with self._talking():
+        with self.talking():
             for alias in aliases:
                 self.client.delete_registered_model_alias(version.name, alias)
         self.set_tag(version, TAG_RETIRED, {"reason": reason, "time": now_iso()})
@@ -232,12 +234,12 @@ class Registry:
                                                      "the next start on this host and port")
         key = _stamp_key(DEPLOYMENT_PREFIX)
         entry = {"start": start, "end": None, "host": host, "port": port, "pid": os.getpid(), "served_as": served_as,
-                 "hostname": os.uname().nodename}
+                 "hostname": socket.gethostname()}
         self.set_tag(version, key, entry)
         return key.removeprefix(DEPLOYMENT_PREFIX)
 
     def close_deployment(self, version, deployment_id: str, how: str = "stopped", **details) -> None:
-        with self._talking():
+        with self.talking():
             fresh = self.client.get_model_version(version.name, version.version)
         entry = json.loads(fresh.tags[DEPLOYMENT_PREFIX + deployment_id]) | {"id": deployment_id}
         self._close(fresh, entry, now_iso(), how, **details)

@@ -59,7 +59,7 @@ def register_run(run: Path, name: str, store: str | None, console: Console | Non
     _refuse_twice(registry, name, run_dir, weights)
     fingerprints = summary.get("data_fingerprints") or data_fingerprints(config.data)
     run_id = _linked_run(registry, run_dir)
-    with registry._talking():
+    with registry.talking():
         source = registry.client.get_run(run_id).info.artifact_uri
     tags = {TAG_RUN_DIR: str(run_dir), TAG_WEIGHTS: weights, TAG_FINGERPRINTS: json.dumps(fingerprints),
             "dsft.stage": config.stage, "dsft.task": config.task, "dsft.method": config.method.type,
@@ -97,7 +97,7 @@ def _linked_run(registry: Registry, run_dir: Path) -> str:
         saved = json.loads(record.read_text(encoding="utf-8"))
         if saved.get("tracking_uri") == registry.uri:
             return saved["run_id"]
-    with registry._talking():
+    with registry.talking():
         return mirror_finished_run(registry.client, registry.uri, run_dir, EXPERIMENT)
 
 
@@ -131,7 +131,7 @@ def _when(stamp_ms: int) -> str:
 def describe_version(registry: Registry, ref: Ref | str) -> dict:
     """The five things a version records (and its aliases and links), as `show` prints and tests read them."""
     version = registry.version(ref)
-    with registry._talking():
+    with registry.talking():
         params = registry.client.get_run(version.run_id).data.params if version.run_id else {}
     aliases = [a for a, v in registry.model(version.name).aliases.items() if str(v) == str(version.version)]
     evals = {k.removeprefix(EVAL_PREFIX): json.loads(v) for k, v in version.tags.items() if k.startswith(EVAL_PREFIX)}
@@ -142,7 +142,16 @@ def describe_version(registry: Registry, ref: Ref | str) -> dict:
             "mlflow_run": version.run_id, "data_fingerprints": json.loads(version.tags.get(TAG_FINGERPRINTS, "{}")),
             "hyperparameters": params, "evaluations": evals, "deployments": registry.deployments(version),
             "retired": json.loads(retired) if retired else None, "gate": json.loads(gate) if gate else None,
-            "feedback": json.loads(version.tags["dsft.feedback"]) if "dsft.feedback" in version.tags else None}
+            "feedback": _feedback(registry.deployments(version))}
+
+
+def _feedback(deployments: list[dict]) -> dict | None:
+    """The user feedback of every deployment of a version together (each server closes its entry with its own)."""
+    tallies = [entry["feedback"] for entry in deployments if entry.get("feedback")]
+    responses = sum(t["responses"] for t in tallies)
+    if not responses:
+        return None
+    return {"responses": responses, "mean_score": sum(t["responses"] * t["mean_score"] for t in tallies) / responses}
 
 
 def show_version(ref: str, store: str | None, as_json: bool = False, console: Console | None = None) -> dict:
@@ -171,6 +180,9 @@ def show_version(ref: str, store: str | None, as_json: bool = False, console: Co
     for entry in info["deployments"]:
         console.print(f"deployed as {entry['served_as']} on {entry['hostname']} {entry['host']}:{entry['port']} "
                       f"from {entry['start']} until {entry['end'] or 'now'}", markup=False)
+    if info["feedback"]:
+        console.print(f"user feedback: {info['feedback']['responses']} replies, mean score "
+                      f"{info['feedback']['mean_score']:.3f}", markup=False)
     if info["retired"]:
         console.print(f"retired {info['retired']['time']}: {info['retired']['reason']}", markup=False)
     return info

@@ -169,6 +169,10 @@ def test_the_gate_writes_its_verdict_to_the_registry(registered, tmp_path):
     # --against replaces the run config's gate.against; its gate.metrics (f1) stay.
     assert candidate["gate"]["verdict"] == "fail" and candidate["gate"]["failed"] == ["f1"]
     assert {e["metrics"]["exact_match"] for e in candidate["evaluations"].values()} == {0.0}
+    from mlflow.tracking import MlflowClient
+
+    report = {a.path for a in MlflowClient(store).list_artifacts(candidate["mlflow_run"], "gate")}
+    assert report == {"gate/gate.json", "gate/gate.md"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -128,6 +128,10 @@ def test_feedback_is_counted_per_version_replaced_and_refused_when_malformed(run
         assert [r.json()["error"]["param"] for r in refused] == ["response_id", None, None, "score", "comment", None]
     # The deployment's entry in the registry closes with the version's feedback.
     assert deployments(runs)[-1]["feedback"] == {"responses": 1, "mean_score": 0.75}
+    from dsft.lifecycle.registry import Registry
+    from dsft.lifecycle.registry_views import describe_version
+
+    assert describe_version(Registry(runs["store"]), "support@1")["feedback"] == {"responses": 1, "mean_score": 0.75}
 
 
 def test_a_shadow_candidate_answers_in_the_background_and_is_compared(runs, tmp_path):
