@@ -135,7 +135,7 @@ def eval_(
 
 @app.command()
 def generate(
-    run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],
+    run: Annotated[Path, typer.Argument(help="Run directory, or a Hugging Face model directory (dsft export or compress output).")],
     prompt: Annotated[str, typer.Option(help="The user message.")],
     system: System = None,
     max_new_tokens: MaxNewTokens = 256,
@@ -154,7 +154,7 @@ def generate(
 
 @app.command()
 def chat(
-    run: Annotated[Path, typer.Argument(help="Run directory written by dsft train.")],
+    run: Annotated[Path, typer.Argument(help="Run directory, or a Hugging Face model directory (dsft export or compress output).")],
     system: System = None,
     max_new_tokens: MaxNewTokens = 256,
     sample: Sample = False,
@@ -183,6 +183,25 @@ def export(
     from dsft.export.export import export_run
 
     export_run(run, out, merge, max_shard_size, dtype, overwrite)
+
+
+@app.command()
+def compress(
+    target: Annotated[str, typer.Argument(help="Run directory (a LoRA run is merged first) or Hugging Face model directory.")],
+    method: Annotated[str, typer.Option(help="prune-magnitude or prune-layers.")],
+    out: Annotated[Path, typer.Option(help="New directory for the compressed Hugging Face model.")],
+    calibration: Annotated[Path | None, typer.Option(help="Calibration data (any dsft format); default: the run's first training file.")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Test data: every dsft eval metric, compressed against uncompressed.")] = None,
+    max_drop: Annotated[str | None, typer.Option(help="Fail (exit 1) when a metric drops more than this, e.g. 2% (needs --eval).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Compress a model and measure what it cost: size, memory, speed and accuracy on your data."""
+    from dsft.compress.compress import run_compress
+    from dsft.lifecycle.gate import parse_percent
+
+    overrides = [*(set_ or []), *([f"compress.max_drop_percent={parse_percent(max_drop, '--max-drop')}"] if max_drop else [])]
+    raise typer.Exit(run_compress(target, method, str(out), str(calibration) if calibration else None,
+                                  str(eval_data) if eval_data else None, overrides))
 
 
 @app.command()

@@ -16,23 +16,25 @@ from dsft.models.generate import (
     split_reasoning,
     stream_reply,
 )
-from dsft.models.load import load_run
 
 
 def _start(run_dir: Path, seed: int, thinking: str | None):
-    """(model, tokenizer, template, thinking mode): thinking overrides the run's data.thinking (auto, on, off)."""
+    """(model, tokenizer, template, thinking mode) of a run directory (its own template) or a plain Hugging Face
+    model directory (dsft export or compress output: its tokenizer's template); thinking overrides the run's
+    data.thinking (auto, on, off)."""
     from transformers import set_seed
 
     from dsft.config.model import THINKING_MODES
     from dsft.data.chat import check_thinking
+    from dsft.eval.targets import load_target
 
-    model, tokenizer, config = load_run(run_dir)
-    setting = config.data.thinking if thinking is None else thinking
+    target = load_target(str(run_dir))
+    setting = thinking if thinking is not None else (target.config.data.thinking if target.config else "auto")
     if setting not in THINKING_MODES:
         raise DsftError(f"--thinking: {setting!r} is not one of {', '.join(THINKING_MODES)}")
-    check_thinking(config.data.chat_template, THINKING_MODES[setting])
+    check_thinking(target.template, THINKING_MODES[setting])
     set_seed(seed)
-    return model, tokenizer, config.data.chat_template, THINKING_MODES[setting]
+    return target.model, target.tokenizer, target.template, THINKING_MODES[setting]
 
 
 def _opening(system: str | None) -> list[Message]:

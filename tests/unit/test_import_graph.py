@@ -15,6 +15,7 @@ FLOORS = [
     ("export",),  # below train: a multi-stage run merges each stage's adapter
     ("train",),
     ("lifecycle",),  # below serve: a server logs its deployments in the registry and serves registry:NAME@ALIAS
+    ("compress",),  # judges a compression's price by the gate's rule
     ("serve",),
     ("bench",),
     ("cli",),
