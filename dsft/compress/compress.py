@@ -113,12 +113,16 @@ def _default_calibration(target: Path) -> str | None:
 
 def _compress_into(source: Path, dest: Path, settings: CompressConfig, calibration: str | None, console) -> dict:
     from dsft.compress import prune
+    from dsft.compress.quantize import QUANTIZE_METHODS, load_quantized
     from dsft.eval.targets import load_target
 
     target = load_target(str(source))
     model = target.model.float()
     details, fingerprint = {}, None
-    if settings.method == "prune-magnitude":
+    if settings.method in QUANTIZE_METHODS:
+        model = load_quantized(source, settings)
+        details = {"library": "torchao", "quantized": model.config.quantization_config.to_dict()["quant_type"]}
+    elif settings.method == "prune-magnitude":
         details = prune.magnitude_prune(model, settings.sparsity)
     elif settings.method == "prune-layers":
         if calibration is None:

@@ -23,9 +23,11 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto", use_safe
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"load_peak_rss_mib": after / 1024, "rss_growth_mib": (after - before) / 1024,
                   "parameters": sum(p.numel() for p in model.parameters()),
-                  "zero_parameters": sum(int((p == 0).sum()) for p in model.parameters())}))
+                  "zero_parameters": sum(int((p.data == 0).sum()) for p in model.parameters()
+                                         if type(p.data) is torch.Tensor)}))
 """
-"""Run as `python -c PROBE DIR`: ru_maxrss is KiB on Linux."""
+"""Run as `python -c PROBE DIR`: ru_maxrss is KiB on Linux; zeros are counted in plain tensors only (a quantized
+tensor's storage is not its values)."""
 
 
 def weights_bytes(model_dir: Path) -> int:

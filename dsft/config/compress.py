@@ -9,13 +9,17 @@ from pydantic import Field
 
 from dsft.config.base import Section
 
-METHODS = ("prune-magnitude", "prune-layers")
+METHODS = ("int8-dynamic", "int8-weight", "int4-weight", "prune-magnitude", "prune-layers")
 
 
 class CompressConfig(Section):
-    method: Literal["prune-magnitude", "prune-layers"]
-    """prune-magnitude: zero the smallest weights of every linear layer of the decoder (unstructured); prune-layers:
-    drop the decoder layers that change their input least on the calibration data (block influence)."""
+    method: Literal["int8-dynamic", "int8-weight", "int4-weight", "prune-magnitude", "prune-layers"]
+    """int8-dynamic: int8 weights and activations quantized per token at run time (torchao, CPU serving);
+    int8-weight, int4-weight: weight-only quantization (torchao; int4 in groups of group_size); prune-magnitude: zero
+    the smallest weights of every decoder linear layer (unstructured); prune-layers: drop the decoder layers that
+    change their input least on the calibration data (block influence)."""
+    group_size: int = Field(32, ge=8)
+    """int4-weight: weights sharing one scale (a divisor of every quantized layer's input width)."""
     sparsity: float = Field(0.5, gt=0, lt=1)
     """prune-magnitude: share of each decoder linear layer's weights set to zero."""
     drop_layers: int = Field(1, ge=1)

@@ -76,8 +76,38 @@ def test_a_light_prune_passes_the_bound(runs, tmp_path):
     assert 0.04 < float((weight == 0).float().mean()) < 0.06
 
 
+@pytest.mark.parametrize("method, stored", [("int8-dynamic", "Int8Tensor"), ("int8-weight", "Int8Tensor"),
+                                            ("int4-weight", "IntxUnpackedToInt8Tensor")])
+def test_torchao_quantization_is_saved_as_safetensors_and_loads_back_quantized(runs, tmp_path, method, stored):
+    pytest.importorskip("torchao")
+    out = tmp_path / method
+    result = dsft("compress", runs["right"], "--method", method, "--out", out, "--eval", runs["test"],
+                  "--max-drop", "50%", "--set", "eval.metrics=[exact_match]")
+    assert result.exit_code == 0, result.output
+    price = json.loads((out / "dsft_compress.json").read_text())["report"]
+    assert price["verdict"] == "passed" and price["size_ratio"] > 2  # measured: float32 linears to 8 bits a weight
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == stored
+    assert type(model.lm_head.weight) is torch.nn.Parameter and not list(out.glob("*.bin"))
+    if method == "int8-dynamic":  # served as any model directory
+        from openai import OpenAI
+
+        from dsft.config.serve import load_serve_config
+        from dsft.serve.models import load_served
+        from dsft.serve.server import create_app, serve_in_thread
+
+        config = load_serve_config(None)
+        with serve_in_thread(create_app(load_served(str(out), config), config)) as url:
+            reply = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
+                model=method, messages=[{"role": "user", "content": "Convert 37 km to m."}], max_tokens=8,
+                temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("args, message", [
-    (("--method", "int3"), "--method: Input should be 'prune-magnitude' or 'prune-layers'"),
+    (("--method", "int3"), "--method: Input should be 'int8-dynamic', 'int8-weight', 'int4-weight', "
+                           "'prune-magnitude' or 'prune-layers'"),
+    (("--method", "int4-weight", "--set", "compress.group_size=24"), "compress.group_size 24 does not divide"),
     (("--method", "prune-magnitude", "--max-drop", "2%"), "--max-drop needs --eval"),
     (("--method", "prune-layers", "--set", "compress.drop_layers=4"), "the model has 4 decoder layers"),
     (("--method", "prune-layers", "--calibration", "missing.jsonl"), "--calibration missing.jsonl: no such file"),
