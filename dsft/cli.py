@@ -188,7 +188,7 @@ def export(
 @app.command()
 def compress(
     target: Annotated[str, typer.Argument(help="Run directory (a LoRA run is merged first) or Hugging Face model directory.")],
-    method: Annotated[str, typer.Option(help="int8-dynamic, int8-weight, int4-weight, prune-magnitude or prune-layers.")],
+    method: Annotated[str, typer.Option(help="int8-dynamic, int8-weight, int4-weight, prune-magnitude, prune-layers or prune-experts.")],
     out: Annotated[Path, typer.Option(help="New directory for the compressed Hugging Face model.")],
     calibration: Annotated[Path | None, typer.Option(help="Calibration data (any dsft format); default: the run's first training file.")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help="Test data: every dsft eval metric, compressed against uncompressed.")] = None,

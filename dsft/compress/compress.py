@@ -124,14 +124,21 @@ def _compress_into(source: Path, dest: Path, settings: CompressConfig, calibrati
         details = {"library": "torchao", "quantized": model.config.quantization_config.to_dict()["quant_type"]}
     elif settings.method == "prune-magnitude":
         details = prune.magnitude_prune(model, settings.sparsity)
-    elif settings.method == "prune-layers":
+    else:
         if calibration is None:
-            raise DsftError("prune-layers measures each layer on calibration data: give --calibration FILE")
+            raise DsftError(f"{settings.method} measures the model on calibration data: give --calibration FILE")
         ids = calibration_ids(calibration, target, settings)
         fingerprint = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
-        details = prune.drop_layers(model, settings.drop_layers, prune.block_influence(model, ids))
-        console.print(f"prune-layers: dropping layers {details['dropped_layers']} (block influence "
-                      f"{[round(v, 4) for v in details['block_influence']]})", markup=False)
+        if settings.method == "prune-layers":
+            details = prune.drop_layers(model, settings.drop_layers, prune.block_influence(model, ids))
+            console.print(f"prune-layers: dropping layers {details['dropped_layers']} (block influence "
+                          f"{[round(v, 4) for v in details['block_influence']]})", markup=False)
+        else:
+            from dsft.compress.experts import prune_experts
+
+            details = prune_experts(model, settings.drop_experts, ids)
+            console.print(f"prune-experts: {details['experts_before']} -> {details['experts_after']} routed experts "
+                          "per MoE layer", markup=False)
     dest.mkdir(parents=True)
     model.save_pretrained(dest, safe_serialization=True)
     target.tokenizer.save_pretrained(dest)

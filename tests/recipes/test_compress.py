@@ -104,10 +104,36 @@ def test_torchao_quantization_is_saved_as_safetensors_and_loads_back_quantized(r
         assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_prune_experts_drops_each_layer_s_least_loaded_experts_and_cuts_the_router(tmp_path, tiny_data):
+    from dsft.config import load_config
+    from dsft.train.sft import run_sft
+    from tests.recipes.conftest import make_config
+
+    run = run_sft(load_config(make_config(tmp_path, tiny_data, train={"max_steps": 4}))).run_dir  # tiny-deepseek-v3
+    out = tmp_path / "fewer"
+    result = dsft("compress", run, "--method", "prune-experts", "--out", out, "--set", "compress.drop_experts=2",
+                  "--set", "compress.calibration_samples=16")
+    assert result.exit_code == 0, result.output
+    details = json.loads((out / "dsft_compress.json").read_text())["details"]
+    assert details["experts_before"] == 8 and details["experts_after"] == 6
+    for layer, kept in details["kept_experts"].items():
+        loads = details["calibration_loads"][layer]
+        assert len(loads) == 8 and len(kept) == 6
+        assert min(loads[i] for i in kept) >= max(loads[i] for i in range(8) if i not in kept)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    moe = model.model.layers[1].mlp
+    assert model.config.n_routed_experts == 6 and moe.gate.weight.shape[0] == 6
+    assert moe.experts.gate_up_proj.shape[0] == 6 and moe.gate.e_score_correction_bias.shape == (6,)
+    too_many = dsft("compress", out, "--method", "prune-experts", "--out", tmp_path / "again", "--calibration",
+                    tiny_data["train"], "--set", "compress.drop_experts=5")
+    assert "6 experts per layer leave 1, fewer than the 2 each token picks" in str(too_many.exception)
+
+
 @pytest.mark.parametrize("args, message", [
-    (("--method", "int3"), "--method: Input should be 'int8-dynamic', 'int8-weight', 'int4-weight', "
-                           "'prune-magnitude' or 'prune-layers'"),
+    (("--method", "int3"), ("--method: Input should be 'int8-dynamic', 'int8-weight', 'int4-weight', "
+                           "'prune-magnitude', 'prune-layers' or 'prune-experts'")),
     (("--method", "int4-weight", "--set", "compress.group_size=24"), "compress.group_size 24 does not divide"),
+    (("--method", "prune-experts"), "prune-experts: the model has no MoE layers"),
     (("--method", "prune-magnitude", "--max-drop", "2%"), "--max-drop needs --eval"),
     (("--method", "prune-layers", "--set", "compress.drop_layers=4"), "the model has 4 decoder layers"),
     (("--method", "prune-layers", "--calibration", "missing.jsonl"), "--calibration missing.jsonl: no such file"),
