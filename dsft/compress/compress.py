@@ -112,39 +112,47 @@ def _default_calibration(target: Path) -> str | None:
 
 
 def _compress_into(source: Path, dest: Path, settings: CompressConfig, calibration: str | None, console) -> dict:
-    from dsft.compress import prune
     from dsft.compress.quantize import QUANTIZE_METHODS, load_quantized
+    from dsft.data.tokenizer import load_tokenizer
     from dsft.eval.targets import load_target
 
-    target = load_target(str(source))
-    model = target.model.float()
-    details, fingerprint = {}, None
-    if settings.method in QUANTIZE_METHODS:
-        model = load_quantized(source, settings)
+    fingerprint = None
+    if settings.method in QUANTIZE_METHODS:  # loaded quantized: the float model is never held as well
+        model, tokenizer = load_quantized(source, settings), load_tokenizer(str(source))
         details = {"library": "torchao", "quantized": model.config.quantization_config.to_dict()["quant_type"]}
-    elif settings.method == "prune-magnitude":
-        details = prune.magnitude_prune(model, settings.sparsity)
     else:
-        if calibration is None:
-            raise DsftError(f"{settings.method} measures the model on calibration data: give --calibration FILE")
-        ids = calibration_ids(calibration, target, settings)
-        fingerprint = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
-        if settings.method == "prune-layers":
-            details = prune.drop_layers(model, settings.drop_layers, prune.block_influence(model, ids))
-            console.print(f"prune-layers: dropping layers {details['dropped_layers']} (block influence "
-                          f"{[round(v, 4) for v in details['block_influence']]})", markup=False)
-        else:
-            from dsft.compress.experts import prune_experts
-
-            details = prune_experts(model, settings.drop_experts, ids)
-            console.print(f"prune-experts: {details['experts_before']} -> {details['experts_after']} routed experts "
-                          "per MoE layer", markup=False)
+        target = load_target(str(source))
+        model, tokenizer = target.model.float(), target.tokenizer
+        details, fingerprint = _pruned(model, target, settings, calibration, console)
     dest.mkdir(parents=True)
     model.save_pretrained(dest, safe_serialization=True)
-    target.tokenizer.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
     _check_reloads(model, dest, settings.method)
     return {"method": settings.method, "settings": settings.model_dump(mode="json"), "source": str(source),
             "calibration": {"path": calibration, "sha256": fingerprint} if fingerprint else None, "details": details}
+
+
+def _pruned(model, target, settings: CompressConfig, calibration: str | None, console) -> tuple[dict, str | None]:
+    """(details, calibration sha256 or None) of pruning model in place by settings.method."""
+    from dsft.compress import prune
+
+    if settings.method == "prune-magnitude":
+        return prune.magnitude_prune(model, settings.sparsity), None
+    if calibration is None:
+        raise DsftError(f"{settings.method} measures the model on calibration data: give --calibration FILE")
+    ids = calibration_ids(calibration, target, settings)
+    fingerprint = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
+    if settings.method == "prune-layers":
+        details = prune.drop_layers(model, settings.drop_layers, prune.block_influence(model, ids))
+        console.print(f"prune-layers: dropping layers {details['dropped_layers']} (block influence "
+                      f"{[round(v, 4) for v in details['block_influence']]})", markup=False)
+        return details, fingerprint
+    from dsft.compress.experts import prune_experts
+
+    details = prune_experts(model, settings.drop_experts, ids)
+    console.print(f"prune-experts: {details['experts_before']} -> {details['experts_after']} routed experts per "
+                  "MoE layer", markup=False)
+    return details, fingerprint
 
 
 def calibration_ids(path: str, target, settings: CompressConfig) -> list[list[int]]:
