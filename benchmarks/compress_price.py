@@ -79,7 +79,7 @@ def table(rows: list[dict]) -> str:
         speed, memory = row["tokens_per_second_batch1"], row["load_rss_growth_mib"]
         lines.append(
             f"| {row['method']} | {row['size_ratio']:.2f}x | {em['baseline']:.2f} -> {em['candidate']:.2f} "
-            f"({-em['drop_percent']:+.1f}%, [{span[0]:+.1f}%, {span[1]:+.1f}%]) | "
+            f"({0.0 - em['drop_percent']:+.1f}%, [{span[0]:+.1f}%, {span[1]:+.1f}%]) | "
             f"{chrf['baseline']:.1f} -> {chrf['candidate']:.1f} | {speed['uncompressed']} -> {speed['compressed']} | "
             f"{memory['uncompressed']:.0f} -> {memory['compressed']:.0f} MiB |")
     return "\n".join(lines)
