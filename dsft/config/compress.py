@@ -9,8 +9,6 @@ from pydantic import Field
 
 from dsft.config.base import Section
 
-METHODS = ("int8-dynamic", "int8-weight", "int4-weight", "prune-magnitude", "prune-layers", "prune-experts")
-
 
 class CompressConfig(Section):
     method: Literal["int8-dynamic", "int8-weight", "int4-weight", "prune-magnitude", "prune-layers", "prune-experts"]

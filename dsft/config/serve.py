@@ -76,9 +76,6 @@ class LimitsConfig(Section):
     """A request not finished after this long (queue wait included) is cancelled and answered 504, seconds."""
 
 
-WATCHED = ("error_rate", "p95_latency", "feedback", "checks")
-
-
 class CanaryConfig(Section):
     alias: str
     """The model name clients ask for; each request goes to primary or candidate."""
